@@ -1,0 +1,49 @@
+"""Pure loss functions ``(student, teacher, *, options) -> Tensor``.
+
+Every loss is a (sum, count) pair over kept positions: ``reduction="mean"`` (default) is ``sum / max(count, 1)``,
+``"sum"`` the sum, ``"none"`` the unreduced values with masked entries 0 (``none.sum() == sum``). Each function's
+``.sum_count(...)`` returns the pair itself, for normalising over several micro-batches or ranks. Inputs are
+upcast to float32 inside; teacher tensors never get gradients; a fully masked input gives 0, never NaN.
+"""
+
+from ._attention import attention_ce as attention_ce
+from ._attention import attention_kl as attention_kl
+from ._attention import attention_mse as attention_mse
+from ._attention import relation_kl as relation_kl
+from ._features import cosine as cosine
+from ._features import hidden_mse as hidden_mse
+from ._features import pkd as pkd
+from ._gram import fsp as fsp
+from ._gram import mmd as mmd
+from ._gram import nst as nst
+from ._logits import hard_ce as hard_ce
+from ._logits import jsd as jsd
+from ._logits import kd_ce as kd_ce
+from ._logits import kd_kl as kd_kl
+from ._logits import kd_mse as kd_mse
+from ._logits import reverse_kl as reverse_kl
+from ._logits import skew_kl as skew_kl
+from ._logits import tvd as tvd
+from ._reduce import Reduction as Reduction
+
+__all__ = [
+    "Reduction",
+    "attention_ce",
+    "attention_kl",
+    "attention_mse",
+    "cosine",
+    "fsp",
+    "hard_ce",
+    "hidden_mse",
+    "jsd",
+    "kd_ce",
+    "kd_kl",
+    "kd_mse",
+    "mmd",
+    "nst",
+    "pkd",
+    "relation_kl",
+    "reverse_kl",
+    "skew_kl",
+    "tvd",
+]

@@ -1,0 +1,127 @@
+"""Argument checks shared by the losses.
+
+Everything here looks at Python values, shapes, dtypes and devices, which are static under ``torch.compile``.
+The few checks that need tensor *values* (temperature > 0, labels in range) run only in eager mode and only for
+CPU tensors, where reading a value costs no device synchronisation; on an accelerator they are skipped (the
+step's ``check_finite`` option catches what they would have caught).
+
+Messages follow ``<api>: expected <what>, got <value>.`` so that the algebra layer can prefix the term's name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _shape(x: Tensor | Sequence[int]) -> tuple[int, ...]:
+    return tuple(x.shape) if isinstance(x, Tensor) else tuple(x)
+
+
+def floating(api: str, name: str, x: object) -> Tensor:
+    """``x`` as a real floating-point tensor, upcast to float32 when it is fp16/bf16 (float64 stays)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{api}: expected {name} to be a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{api}: expected {name} to be a real floating-point tensor, got dtype {x.dtype}."
+            + (" Pass logits or features, not class indices." if not x.is_complex() else "")
+        )
+    return x.float() if x.dtype in _LOW_PRECISION else x
+
+
+def rank(api: str, name: str, x: Tensor, allowed: Sequence[int], layout: str) -> None:
+    if x.ndim not in allowed:
+        raise ValueError(f"{api}: expected {name} of shape {layout}, got shape {_shape(x)}.")
+
+
+def same_shape(api: str, a: Tensor, b: Tensor, names: str = "student and teacher", dims: slice = slice(None)):
+    if _shape(a)[dims] != _shape(b)[dims]:
+        what = "shape" if dims == slice(None) else "leading shape"
+        raise ValueError(
+            f"{api}: expected {names} of the same {what}, got {_shape(a)} and {_shape(b)}. "
+            "Nothing is broadcast; project or slice one of them first."
+        )
+
+
+def same_device(api: str, **tensors: Tensor | None) -> None:
+    named = [(n, t) for n, t in tensors.items() if isinstance(t, Tensor)]
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        listing = ", ".join(f"{n} on {t.device}" for n, t in named)
+        raise ValueError(f"{api}: expected all tensors on one device, got {listing}.")
+
+
+def eager_check(api: str, ok: Tensor, message: str) -> None:
+    """Raise ``ValueError(f"{api}: {message}")`` unless ``ok`` — only eagerly and for CPU tensors (no sync)."""
+    if torch.compiler.is_compiling() or ok.device.type != "cpu":
+        return
+    if not bool(ok.all()):
+        raise ValueError(f"{api}: {message}")
+
+
+def mask(api: str, m: object, lead_shape: tuple[int, ...], like: Tensor) -> Tensor | None:
+    """A boolean keep-mask of exactly ``lead_shape`` (nonzero = keep), or ``None``."""
+    if m is None:
+        return None
+    if not isinstance(m, Tensor):
+        raise TypeError(f"{api}: expected mask to be a torch.Tensor or None, got {type(m).__name__}.")
+    if m.is_complex():
+        raise TypeError(f"{api}: expected a boolean-like mask (bool, integer or 0/1 float), got dtype {m.dtype}.")
+    if _shape(m) != tuple(lead_shape):
+        raise ValueError(
+            f"{api}: expected mask of shape {tuple(lead_shape)} (the input's leading positions), "
+            f"got {_shape(m)}. Masks are never broadcast."
+        )
+    same_device(api, input=like, mask=m)
+    return m != 0
+
+
+def positive(api: str, name: str, value: object, lead_shape: tuple[int, ...], like: Tensor) -> float | Tensor:
+    """A temperature-like value: a float, a 0-d tensor or a per-row tensor of ``lead_shape``; all > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(
+            f"{api}: expected {name} to be a float, a 0-d tensor or a per-row tensor of shape "
+            f"{tuple(lead_shape)}, got {type(value).__name__}."
+        )
+    if not isinstance(value, Tensor):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{api}: expected {name} > 0 (and finite), got {value}.")
+        return float(value)
+    if not value.is_floating_point():
+        raise TypeError(f"{api}: expected {name} to be a floating-point tensor, got dtype {value.dtype}.")
+    if value.ndim != 0 and _shape(value) != tuple(lead_shape):
+        raise ValueError(
+            f"{api}: expected {name} to be 0-d or of shape {tuple(lead_shape)} (one per row), "
+            f"got shape {_shape(value)}."
+        )
+    same_device(api, input=like, **{name: value})
+    eager_check(api, (value > 0) & value.isfinite(), f"expected {name} > 0 (and finite) everywhere.")
+    return value.detach().to(like.dtype)
+
+
+def unit_interval(api: str, name: str, value: object) -> float | Tensor:
+    """A float or 0-d tensor in [0, 1] (jsd's beta, skew_kl's alpha)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{api}: expected {name} to be a float or a 0-d tensor, got {type(value).__name__}.")
+    if not isinstance(value, Tensor):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{api}: expected 0 <= {name} <= 1, got {value}.")
+        return float(value)
+    if value.ndim != 0 or not value.is_floating_point():
+        raise ValueError(
+            f"{api}: expected {name} to be a 0-d floating-point tensor, got shape {_shape(value)}, "
+            f"dtype {value.dtype}."
+        )
+    eager_check(api, (value >= 0) & (value <= 1), f"expected 0 <= {name} <= 1, got {value}.")
+    return value.detach()
+
+
+def choice(api: str, name: str, value: object, allowed: Sequence[object]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{api}: expected {name} to be one of {tuple(allowed)}, got {value!r}.")

@@ -1,0 +1,117 @@
+"""Second-order losses that compare Gram matrices of hidden states ``[B, L, D]``: fsp, mmd, nst.
+
+Pair losses take a pair ``(X0, X1)`` of hidden states per model or a single tensor, used as both members. Masked
+positions are zeroed before any product, so nothing at them reaches the result or the gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _checks as check
+from ._reduce import Parts, masked_loss
+
+
+def _pair(api: str, name: str, x) -> tuple[Tensor, Tensor]:
+    if isinstance(x, Tensor):
+        x = (x, x)
+    if not isinstance(x, (tuple, list)) or len(x) != 2:
+        raise TypeError(
+            f"{api}: expected {name} to be a tensor [B, L, D] or a pair (tuple or list of two) of them, "
+            f"got {type(x).__name__}" + (f" of length {len(x)}." if isinstance(x, (tuple, list)) else ".")
+        )
+    return tuple(check.floating(api, f"{name}[{i}]", xi) for i, xi in enumerate(x))
+
+
+def _hidden_pairs(api: str, student, teacher, mask):
+    """Checked, upcast student and teacher pairs (teacher detached), masked positions zeroed; and the mask."""
+    s, t = _pair(api, "student", student), _pair(api, "teacher", teacher)
+    t = tuple(x.detach() for x in t)
+    members = {"student[0]": s[0], "student[1]": s[1], "teacher[0]": t[0], "teacher[1]": t[1]}
+    for name, x in members.items():
+        check.rank(api, name, x, (3,), "[B, L, D]")
+        check.same_shape(api, s[0], x, f"student[0] and {name}", dims=slice(0, 2))
+    check.same_device(api, **members)
+    keep = check.mask(api, mask, tuple(s[0].shape[:2]), s[0])
+    if keep is not None:
+        rows = keep.unsqueeze(-1)
+        s, t = (tuple(torch.where(rows, x, 0) for x in pair) for pair in (s, t))
+    return s, t, keep
+
+
+def _lengths(keep: Tensor | None, like: Tensor) -> Tensor | int:
+    return max(like.shape[1], 1) if keep is None else keep.sum(1).to(like.dtype).clamp_min(1)[:, None, None]
+
+
+@masked_loss
+def fsp(student, teacher, *, mask=None) -> Parts:
+    r"""Flow-of-solution-procedure loss: MSE between ``G = X0ᵀ X1 / n_b`` of student and teacher.
+
+    Yim et al. (2017), "A Gift from Knowledge Distillation" (CVPR). ``G`` is ``[B, D0, D1]``, masked positions are
+    zeroed and ``n_b`` is sample b's kept length (``L`` without a mask); averaged over ``B·D0·D1``. Widths must
+    match between student and teacher (use a projection). Equals TextBrewer's ``fsp_loss``.
+    """
+    api = "fsp"
+    (s0, s1), (t0, t1), keep = _hidden_pairs(api, student, teacher, mask)
+    for i, (a, b) in enumerate(((s0, t0), (s1, t1))):
+        if a.shape[-1] != b.shape[-1]:
+            raise ValueError(
+                f"{api}: expected student[{i}] and teacher[{i}] of the same width, got {a.shape[-1]} and "
+                f"{b.shape[-1]}. Give the student a projection (dk.proj.linear)."
+            )
+    n = _lengths(keep, s0)
+    gs = s0.transpose(1, 2) @ s1 / n
+    gt = t0.transpose(1, 2) @ t1 / n
+    return Parts((gs - gt).square(), None)
+
+
+@masked_loss
+def mmd(student, teacher, *, mask=None) -> Parts:
+    r"""MSE between token-similarity matrices ``X0 X1ᵀ / D`` over kept ``(i, j)`` pairs (``/ Σ_b n_b²``).
+
+    TextBrewer's ``mmd_loss`` (its ``nst`` / ``mmd`` presets), a variant of NST (Huang & Wang, 2017,
+    arXiv:1707.01219). Student and teacher widths may differ. TextBrewer 0.2.1.post1 divides the *masked* grams by
+    the padded length instead of ``D``; distilkit divides by ``D`` in both cases, as its current source does.
+    """
+    api = "mmd"
+    (s0, s1), (t0, t1), keep = _hidden_pairs(api, student, teacher, mask)
+    for name, (a, b) in (("student", (s0, s1)), ("teacher", (t0, t1))):
+        if a.shape[-1] != b.shape[-1]:
+            raise ValueError(
+                f"{api}: expected {name}[0] and {name}[1] of the same width, got {a.shape[-1]} and {b.shape[-1]}."
+            )
+    gs = s0 @ s1.transpose(1, 2) / s1.shape[-1]
+    gt = t0 @ t1.transpose(1, 2) / t1.shape[-1]
+    pairs = None if keep is None else keep[:, :, None] & keep[:, None, :]
+    return Parts((gs - gt).square(), pairs)
+
+
+@masked_loss
+def nst(student: Tensor, teacher: Tensor, *, mask=None, eps: float = 1e-12) -> Parts:
+    r"""Neuron Selectivity Transfer: squared MMD between the student's and teacher's neuron distributions.
+
+    Huang & Wang (2017), "Like What You Like" (arXiv:1707.01219), polynomial kernel ``k(x, y) = (xᵀy)²``. Per
+    sample, each neuron (feature column) is L2-normalised over the kept positions (norms clamped at ``eps``),
+    ``ŝ_j``, ``t̂_i``; then ``MMD² = ‖P_S − P_T‖²_F`` with ``P = X̂ X̂ᵀ / D``, which expands to the paper's
+    ``(1/D_T²) Σ k(t̂_i, t̂_i') + (1/D_S²) Σ k(ŝ_j, ŝ_j') − (2/(D_S D_T)) Σ k(ŝ_j, t̂_i)``. Averaged over samples
+    with at least one kept position; widths may differ.
+    """
+    api = "nst"
+    s = check.floating(api, "student features", student)
+    t = check.floating(api, "teacher features", teacher).detach()
+    for name, x in (("student", s), ("teacher", t)):
+        check.rank(api, f"{name} features", x, (3,), "[B, L, D]")
+    check.same_shape(api, s, t, "student and teacher features", dims=slice(0, 2))
+    check.same_device(api, student=s, teacher=t)
+    keep = check.mask(api, mask, tuple(s.shape[:2]), s)
+
+    def position_gram(x: Tensor) -> Tensor:
+        if keep is not None:
+            x = torch.where(keep.unsqueeze(-1), x, 0)
+        norms = x.square().sum(1, keepdim=True).clamp_min(eps * eps).sqrt()
+        unit = x / norms
+        return unit @ unit.transpose(1, 2) / x.shape[-1]
+
+    values = (position_gram(s) - position_gram(t)).square().sum((1, 2))
+    return Parts(values, None if keep is None else keep.any(1))

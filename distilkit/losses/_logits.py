@@ -1,0 +1,178 @@
+"""Logit losses: divergences between temperature-softened distributions, logit MSE and hard-label CE.
+
+Every divergence is computed per row (all leading positions of ``[..., V]`` logits) from log-probabilities
+``log p = log_softmax(z / T)``, multiplied by ``T²`` per row when ``t2_scale`` (Hinton et al., 2015, "Distilling the
+Knowledge in a Neural Network", arXiv:1503.02531: the factor keeps the soft-target gradients' scale independent
+of T), and reduced over the kept rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _checks as check
+from ._reduce import Parts, masked_loss
+
+RowFn = Callable[[Tensor, Tensor], Tensor]  # (log p_S, log p_T) -> per-row value
+
+
+def _soft_rows(api, row_fn: RowFn, student, teacher, temperature, mask, t2_scale: bool) -> Parts:
+    """Checks, upcast, temperature, log-softmax; ``row_fn`` gives the per-row divergence."""
+    zs, zt, temp, keep = _scaled_logits(api, student, teacher, temperature, mask)
+    values = row_fn(F.log_softmax(zs, dim=-1), F.log_softmax(zt, dim=-1))
+    if t2_scale:
+        values = values * temp**2
+    return Parts(values, keep)
+
+
+def _scaled_logits(api, student, teacher, temperature, mask):
+    s = check.floating(api, "student logits", student)
+    t = check.floating(api, "teacher logits", teacher).detach()
+    check.rank(api, "student logits", s, range(1, 64), "[..., V]")
+    check.same_shape(api, s, t, "student and teacher logits")
+    check.same_device(api, student=s, teacher=t)
+    if s.shape[-1] == 0:
+        raise ValueError(f"{api}: expected at least one class in the last dimension, got shape {tuple(s.shape)}.")
+    lead = tuple(s.shape[:-1])
+    keep = check.mask(api, mask, lead, s)
+    temp = check.positive(api, "temperature", temperature, lead, s)
+    column = temp.unsqueeze(-1) if isinstance(temp, Tensor) and temp.ndim else temp
+    return s / column, t / column, temp, keep
+
+
+def _log(value: float | Tensor) -> float | Tensor:
+    if isinstance(value, Tensor):
+        return value.log()
+    return math.log(value) if value > 0 else -math.inf
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float | Tensor) -> Tensor:
+    """log(w·p + (1−w)·q), stable, with w = 0 or 1 allowed."""
+    return torch.logaddexp(log_p + _log(weight), log_q + _log(1 - weight))
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Σ p (log p − log q) over the last dimension."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+@masked_loss
+def kd_ce(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None, t2_scale: bool = True) -> Parts:
+    r"""Soft cross-entropy ``T² · −Σ_v p_T log p_S`` per kept row, ``p = softmax(z / T)``.
+
+    Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network" (arXiv:1503.02531).
+    ``t2_scale=False`` equals TextBrewer's ``kd_ce_loss``. Differs from :func:`kd_kl` by the teacher's entropy,
+    which carries no gradient.
+
+    Args:
+        student, teacher: logits ``[..., V]`` of the same shape (``[B, C]`` or ``[B, L, V]``).
+        temperature: float, 0-d tensor, or per-row tensor of the leading shape; > 0.
+        mask: boolean-like keep-mask of the leading shape.
+        t2_scale: multiply each row by ``T²``.
+        reduction: ``"mean"`` over kept rows, ``"sum"``, or ``"none"`` (per row, 0 where masked).
+    """
+    return _soft_rows("kd_ce", lambda ls, lt: -(lt.exp() * ls).sum(-1), student, teacher, temperature, mask,
+                      t2_scale)
+
+
+@masked_loss
+def kd_kl(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None, t2_scale: bool = True) -> Parts:
+    r"""Forward KL ``T² · Σ_v p_T (log p_T − log p_S)`` per kept row (mean-seeking), as :func:`kd_ce`."""
+    return _soft_rows("kd_kl", lambda ls, lt: _kl_rows(lt, ls), student, teacher, temperature, mask, t2_scale)
+
+
+@masked_loss
+def reverse_kl(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None, t2_scale: bool = True) -> Parts:
+    r"""Reverse KL ``T² · Σ_v p_S (log p_S − log p_T)`` per kept row (mode-seeking).
+
+    As used for LLM distillation by MiniLLM (Gu et al., 2024, arXiv:2306.08543). Options as :func:`kd_ce`.
+    """
+    return _soft_rows("reverse_kl", _kl_rows, student, teacher, temperature, mask, t2_scale)
+
+
+@masked_loss
+def jsd(student: Tensor, teacher: Tensor, *, beta=0.5, temperature=1.0, mask=None, t2_scale: bool = True) -> Parts:
+    r"""Generalised Jensen–Shannon divergence ``β KL(p_T‖m) + (1−β) KL(p_S‖m)``, ``m = β p_T + (1−β) p_S``.
+
+    GKD (Agarwal et al., 2024, arXiv:2306.13649). The formula tends to 0 at both ends, so, as TRL and Liger-Kernel
+    do, ``β = 0`` is defined as forward KL(p_T‖p_S) and ``β = 1`` as reverse KL(p_S‖p_T). ``beta`` is a float or a
+    0-d tensor in [0, 1]; other options as :func:`kd_ce`.
+    """
+    b = check.unit_interval("jsd", "beta", beta)
+
+    def rows(ls: Tensor, lt: Tensor) -> Tensor:
+        if isinstance(b, float) and b in (0.0, 1.0):
+            return _kl_rows(lt, ls) if b == 0.0 else _kl_rows(ls, lt)
+        lm = _log_mixture(lt, ls, b)
+        mixed = b * _kl_rows(lt, lm) + (1 - b) * _kl_rows(ls, lm)
+        if isinstance(b, float):
+            return mixed
+        return torch.where(b == 0, _kl_rows(lt, ls), torch.where(b == 1, _kl_rows(ls, lt), mixed))
+
+    return _soft_rows("jsd", rows, student, teacher, temperature, mask, t2_scale)
+
+
+@masked_loss
+def skew_kl(student: Tensor, teacher: Tensor, *, alpha=0.1, temperature=1.0, mask=None,
+            t2_scale: bool = True) -> Parts:
+    r"""Skew KL ``KL(p_T ‖ α p_T + (1−α) p_S)`` per kept row.
+
+    DistiLLM (Ko et al., 2024, arXiv:2402.03898): the skew bounds the divergence and its gradient when the student
+    puts little mass where the teacher puts much. ``alpha`` is a float or 0-d tensor in [0, 1] (0 gives forward
+    KL); other options as :func:`kd_ce`.
+    """
+    a = check.unit_interval("skew_kl", "alpha", alpha)
+    return _soft_rows("skew_kl", lambda ls, lt: _kl_rows(lt, _log_mixture(lt, ls, a)), student, teacher,
+                      temperature, mask, t2_scale)
+
+
+@masked_loss
+def tvd(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None, t2_scale: bool = True) -> Parts:
+    r"""Total variation distance ``½ Σ_v |p_T − p_S|`` per kept row (in [0, 1] before the T² factor)."""
+    return _soft_rows("tvd", lambda ls, lt: 0.5 * (lt.exp() - ls.exp()).abs().sum(-1), student, teacher,
+                      temperature, mask, t2_scale)
+
+
+@masked_loss
+def kd_mse(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None) -> Parts:
+    r"""Mean squared error of temperature-scaled logits ``(z_S/T − z_T/T)²`` over kept rows × classes.
+
+    Logit matching (Ba & Caruana, 2014, "Do Deep Nets Really Need to be Deep?"); equals TextBrewer's
+    ``kd_mse_loss``. No T² factor. ``reduction="none"`` is per element ``[..., V]``.
+    """
+    zs, zt, _, keep = _scaled_logits("kd_mse", student, teacher, temperature, mask)
+    return Parts((zs - zt).square(), None if keep is None else keep.unsqueeze(-1))
+
+
+@masked_loss
+def hard_ce(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Parts:
+    r"""Cross-entropy with integer ``labels`` ``[...]`` for ``logits`` ``[..., V]``; ``ignore_index`` rows are masked.
+
+    The student's ordinary supervised loss, reduced like every other loss (mean over non-ignored rows, 0 when
+    every row is ignored).
+    """
+    api = "hard_ce"
+    z = check.floating(api, "logits", logits)
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{api}: expected labels to be a torch.Tensor, got {type(labels).__name__}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{api}: expected integer class labels, got dtype {labels.dtype}.")
+    check.rank(api, "logits", z, range(1, 64), "[..., V]")
+    if tuple(labels.shape) != tuple(z.shape[:-1]):
+        raise ValueError(
+            f"{api}: expected labels of shape {tuple(z.shape[:-1])} (the logits' leading shape), "
+            f"got {tuple(labels.shape)}."
+        )
+    check.same_device(api, logits=z, labels=labels)
+    keep = labels != ignore_index
+    num_classes = z.shape[-1]
+    check.eager_check(api, ~keep | ((labels >= 0) & (labels < num_classes)),
+                      f"expected labels in [0, {num_classes}) or equal to ignore_index={ignore_index}.")
+    safe = torch.where(keep, labels, torch.zeros_like(labels)).long()
+    values = -F.log_softmax(z, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return Parts(values, keep)
