@@ -52,9 +52,15 @@ def _kl_over_kept_keys(student_scores: Tensor, teacher_scores: Tensor, keep: Ten
     return Parts(rows, _queries(keep))
 
 
-def _renormalised(probs: Tensor, keys: Tensor | None) -> Tensor:
-    if keys is not None:
-        probs = torch.where(keys, probs, 0)
+def _pairs(keep: Tensor | None) -> Tensor | None:
+    """Kept (query, key) entries ``[B, 1, L, L]``."""
+    return None if keep is None else keep[:, None, :, None] & keep[:, None, None, :]
+
+
+def _renormalised(probs: Tensor, pairs: Tensor | None) -> Tensor:
+    """Rows restricted to kept keys and renormalised; dropped rows become 0 (never inf/NaN from garbage)."""
+    if pairs is not None:
+        probs = torch.where(pairs, probs, 0)
     return probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
 
 
@@ -74,8 +80,8 @@ def attention_kl(student: Tensor, teacher: Tensor, *, mask=None, inputs: str = "
     s, t, keep = _maps(api, student, teacher, mask)
     if inputs == "logits":
         return _kl_over_kept_keys(s, t, keep)
-    keys = _keys(keep)
-    pt, ps = _renormalised(t, keys), _renormalised(s, keys).clamp_min(eps)
+    pairs = _pairs(keep)
+    pt, ps = _renormalised(t, pairs), _renormalised(s, pairs).clamp_min(eps)
     return Parts((torch.xlogy(pt, pt) - pt * ps.log()).sum(-1), _queries(keep))
 
 
@@ -92,8 +98,7 @@ def attention_mse(student: Tensor, teacher: Tensor, *, mask=None, head_reduce: s
     s, t, keep = _maps(api, student, teacher, mask)
     if head_reduce == "sum":
         s, t = s.sum(1, keepdim=True), t.sum(1, keepdim=True)
-    pairs = None if keep is None else keep[:, None, :, None] & keep[:, None, None, :]
-    return Parts((s - t).square(), pairs)
+    return Parts((s - t).square(), _pairs(keep))
 
 
 @masked_loss
