@@ -14,7 +14,8 @@ import distilkit as dk
 
 
 def _mlp(width: int, classes: int = 10, features: int = 32) -> nn.ModuleDict:
-    return nn.ModuleDict({"body": nn.Sequential(nn.Linear(features, width), nn.ReLU()), "head": nn.Linear(width, classes)})
+    body = nn.Sequential(nn.Linear(features, width), nn.ReLU())
+    return nn.ModuleDict({"body": body, "head": nn.Linear(width, classes)})
 
 
 def _forward(model: nn.ModuleDict, x: torch.Tensor) -> dict[str, torch.Tensor]:
