@@ -1,7 +1,9 @@
 """Attention and self-relation losses on ``[B, H, L, L]`` maps (``[B, L, L]`` is one head).
 
 The mask ``[B, L]`` marks kept positions; a map entry ``(q, k)`` is kept when both are. Rows (queries) are
-reduced over kept keys, then averaged over (batch, head, kept query).
+reduced over kept keys, then averaged over (batch, head, kept query). ``reduction="none"`` keeps a head dimension,
+of size 1 for ``[B, L, L]`` inputs and after ``head_reduce``. Scores must be finite: mask with a large negative
+number (as Hugging Face does with ``finfo.min``), not ``-inf``.
 """
 
 from __future__ import annotations
