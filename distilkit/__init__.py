@@ -1,11 +1,54 @@
 """distilkit: knowledge distillation for PyTorch with a functional core.
 
-Pure losses (``dk.kd_ce``, ``dk.hidden_mse``, ...) live in :mod:`distilkit.losses` and are re-exported here.
+* Losses — ``dk.kd_ce``, ``dk.hidden_mse``, ... — call them directly, or ``.on(...)`` them into terms. The bare
+  pure functions are in :mod:`distilkit.losses`.
+* Algebra — ``term + term``, ``0.5 * term``, ``schedule * term``, ``.named()``, ``dk.layers``, ``dk.proj``,
+  ``dk.init_params``; ``dk.ensemble``, ``dk.tasks``, ``dk.task_sampler``.
+* Schedules and temperatures — :mod:`distilkit.schedules`, :mod:`distilkit.temperature`.
+* Step — ``dk.make_step(spec)``; global normalisation in :mod:`distilkit.distributed`; logging in
+  :mod:`distilkit.tensorboard`.
 """
 
+from . import distributed as distributed
 from . import losses as losses
-from .losses import *  # noqa: F403  (the loss namespace is part of the top-level one)
-from .losses import __all__ as _loss_names
+from . import schedules as schedules
+from . import temperature as temperature
+from . import tensorboard as tensorboard
+from .algebra import Loss as Loss
+from .algebra import Spec as Spec
+from .algebra import SpecKeyError as SpecKeyError
+from .algebra import Tasks as Tasks
+from .algebra import Term as Term
+from .algebra import attention_ce as attention_ce
+from .algebra import attention_kl as attention_kl
+from .algebra import attention_mse as attention_mse
+from .algebra import cosine as cosine
+from .algebra import ensemble as ensemble
+from .algebra import fsp as fsp
+from .algebra import hard_ce as hard_ce
+from .algebra import hidden_mse as hidden_mse
+from .algebra import init_params as init_params
+from .algebra import jsd as jsd
+from .algebra import kd_ce as kd_ce
+from .algebra import kd_kl as kd_kl
+from .algebra import kd_mse as kd_mse
+from .algebra import layers as layers
+from .algebra import mmd as mmd
+from .algebra import nst as nst
+from .algebra import pkd as pkd
+from .algebra import precomputed as precomputed
+from .algebra import proj as proj
+from .algebra import register_loss as register_loss
+from .algebra import relation_kl as relation_kl
+from .algebra import reverse_kl as reverse_kl
+from .algebra import skew_kl as skew_kl
+from .algebra import task_sampler as task_sampler
+from .algebra import tasks as tasks
+from .algebra import tvd as tvd
+from .losses import probability_shift as probability_shift
+from .step import NonFiniteError as NonFiniteError
+from .step import Step as Step
+from .step import StepOutput as StepOutput
+from .step import make_step as make_step
 
 __version__ = "0.1.0.dev0"
-__all__ = ["__version__", "losses", *_loss_names]

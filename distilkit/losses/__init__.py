@@ -21,9 +21,11 @@ from ._logits import jsd as jsd
 from ._logits import kd_ce as kd_ce
 from ._logits import kd_kl as kd_kl
 from ._logits import kd_mse as kd_mse
+from ._logits import probability_shift as probability_shift
 from ._logits import reverse_kl as reverse_kl
 from ._logits import skew_kl as skew_kl
 from ._logits import tvd as tvd
+from ._precomputed import precomputed as precomputed
 from ._reduce import Reduction as Reduction
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "mmd",
     "nst",
     "pkd",
+    "precomputed",
+    "probability_shift",
     "relation_kl",
     "reverse_kl",
     "skew_kl",

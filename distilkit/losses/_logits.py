@@ -176,3 +176,25 @@ def hard_ce(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Part
     safe = torch.where(keep, labels, torch.zeros_like(labels)).long()
     values = -F.log_softmax(z, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return Parts(values, keep)
+
+
+def probability_shift(teacher_logits: Tensor, labels: Tensor) -> Tensor:
+    r"""Swap each row's largest teacher logit with the logit of the true label, so the label ranks first.
+
+    TextBrewer's ``probability_shift`` (Wen et al., 2019, "Preparing Lessons", arXiv:1911.07471), but pure: returns
+    new logits and never changes its input. Rows whose label is negative (e.g. ``-100``, ignored) are unchanged.
+    ``labels`` has the logits' leading shape.
+    """
+    api = "probability_shift"
+    z = check.floating(api, "teacher_logits", teacher_logits).detach()
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{api}: expected integer labels, got {getattr(labels, 'dtype', type(labels).__name__)}.")
+    if tuple(labels.shape) != tuple(z.shape[:-1]):
+        raise ValueError(f"{api}: expected labels of shape {tuple(z.shape[:-1])}, got {tuple(labels.shape)}.")
+    check.same_device(api, teacher_logits=z, labels=labels)
+    top = z.argmax(-1, keepdim=True)
+    label = labels.long().unsqueeze(-1)
+    label = torch.where(label >= 0, label, top)
+    classes = torch.arange(z.shape[-1], device=z.device)
+    shifted = torch.where(classes == top, z.gather(-1, label), z)
+    return torch.where(classes == label, z.gather(-1, top), shifted)

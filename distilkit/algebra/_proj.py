@@ -1,0 +1,62 @@
+"""Projections of student features to the teacher's width, and the module that holds their parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"linear": None, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+@dataclass(frozen=True)
+class Projection:
+    """``activation(x W + b)`` from ``in_features`` (student) to ``out_features`` (teacher), as TextBrewer's
+    ``linear`` / ``relu`` / ``tanh`` projections: an ``nn.Linear`` with weights ~ N(0, 0.02) and zero bias."""
+
+    kind: str
+    in_features: int
+    out_features: int
+
+    def __post_init__(self):
+        if self.kind not in ACTIVATIONS:
+            raise ValueError(f"proj: expected kind to be one of {tuple(ACTIVATIONS)}, got {self.kind!r}.")
+        for name in ("in_features", "out_features"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"proj.{self.kind}: expected {name} to be a positive int, got {value!r}.")
+
+    def module(self) -> nn.Module:
+        linear = nn.Linear(self.in_features, self.out_features)
+        with torch.no_grad():
+            linear.weight.normal_(0.0, 0.02)
+            linear.bias.zero_()
+        activation = ACTIVATIONS[self.kind]
+        return linear if activation is None else nn.Sequential(linear, activation())
+
+
+def linear(in_features: int, out_features: int) -> Projection:
+    """``x W + b``: student width ``in_features`` → teacher width ``out_features``."""
+    return Projection("linear", in_features, out_features)
+
+
+def relu(in_features: int, out_features: int) -> Projection:
+    """``relu(x W + b)``."""
+    return Projection("relu", in_features, out_features)
+
+
+def tanh(in_features: int, out_features: int) -> Projection:
+    """``tanh(x W + b)``."""
+    return Projection("tanh", in_features, out_features)
+
+
+def init_params(spec) -> nn.ModuleDict:
+    """A fresh ``nn.ModuleDict`` with one projection module per projected term, keyed by term name.
+
+    Put its parameters in your optimizer and its ``state_dict`` in your checkpoint; an equal spec (for example one
+    rebuilt from its config) accepts the same params. A spec without projections gives an empty module.
+    """
+    from ._term import as_spec
+
+    return nn.ModuleDict({t.name: t.proj.module() for t in as_spec(spec, "init_params").all_terms() if t.proj})
