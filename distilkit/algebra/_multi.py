@@ -124,7 +124,9 @@ def task_sampler(sizes: Mapping[str, int], *, tau: float = 1.0, seed: int | None
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau < 0:
         raise ValueError(f"task_sampler: expected tau >= 0, got {tau!r}.")
     names = list(sizes)
-    weights = [sizes[n] ** tau for n in names]
-    rng = random.Random(seed)
+    return _draws(names, [sizes[n] ** tau for n in names], random.Random(seed))
+
+
+def _draws(names: list[str], weights: list[float], rng: random.Random) -> Iterator[str]:
     while True:
         yield rng.choices(names, weights=weights)[0]
