@@ -9,6 +9,7 @@
   :mod:`distilkit.tensorboard`.
 """
 
+from . import config as config
 from . import distributed as distributed
 from . import losses as losses
 from . import schedules as schedules
@@ -45,6 +46,11 @@ from .algebra import skew_kl as skew_kl
 from .algebra import task_sampler as task_sampler
 from .algebra import tasks as tasks
 from .algebra import tvd as tvd
+from .config import ConfigError as ConfigError
+from .config import SpecConfig as SpecConfig
+from .config import TasksConfig as TasksConfig
+from .config import from_config as from_config
+from .config import from_textbrewer as from_textbrewer
 from .losses import probability_shift as probability_shift
 from .step import NonFiniteError as NonFiniteError
 from .step import Step as Step

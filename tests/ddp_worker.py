@@ -33,6 +33,7 @@ def main(out_path: str) -> None:
             out.loss.backward()
     if rank == 0:
         torch.save([p.grad for p in model.module.parameters()], out_path)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -169,6 +169,10 @@ class Term:
     def all_terms(self) -> tuple[Term, ...]:
         return (self,)
 
+    def to_config(self):
+        """A one-term spec's ``dk.SpecConfig`` (the config layer is imported on first use)."""
+        return Spec((self,)).to_config()
+
 
 def _check_options(loss: Loss, options: dict, where: str) -> None:
     params = inspect.signature(loss.fn).parameters

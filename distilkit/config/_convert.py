@@ -1,0 +1,237 @@
+"""``to_config`` (spec → pydantic model) and ``from_config`` (model, dict, JSON text or file → an equal spec)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ValidationError
+from torch import Tensor
+
+from .. import schedules, temperature
+from ..algebra._loss import REGISTRY, get_loss
+from ..algebra._multi import Tasks, tasks
+from ..algebra._proj import Projection
+from ..algebra._term import Spec, Term
+from ..schedules import Schedule
+from ..temperature import AdaptiveTemperature
+from . import _models as M
+from ._errors import ConfigError, config_error, problems
+
+# kind → (config model, the dk.schedules / dk.temperature class it describes)
+_NODES: dict[str, tuple[type[M._Node], type]] = {
+    m.model_fields["kind"].default: (m, getattr(temperature if m in (M.FlswConfig, M.CwsmConfig) else schedules,
+                                                m.model_fields["kind"].default))
+    for m in (*M._SCHEDULES, M.FlswConfig, M.CwsmConfig)
+}
+_INT_FIELDS = frozenset({"steps", "begin", "total_steps", "boundaries"})
+
+
+# ------------------------------------------------------------------------------------------------ to_config
+def to_config(spec) -> M.SpecConfig | M.TasksConfig:
+    """A term, spec or ``dk.tasks(...)`` as a :class:`SpecConfig` / :class:`TasksConfig` (``from_config`` rebuilds an
+    equal spec). Write it with ``.model_dump_json(indent=2)``.
+
+    0-d tensor options become numbers; other tensor options cannot be written and raise a ``ValueError`` naming the
+    term and the option. Only registered losses (``dk.register_loss``) can be written.
+    """
+    if isinstance(spec, Term):
+        spec = Spec((spec,))
+    if isinstance(spec, Spec):
+        return M.SpecConfig(version=M.VERSION, terms=[_term_config(t) for t in spec.terms])
+    if isinstance(spec, Tasks):
+        specs = {name: M.SpecConfig(version=M.VERSION, terms=[_term_config(t) for t in s.terms])
+                 for name, s in spec.specs}
+        return M.TasksConfig(version=M.VERSION, key=spec.key, specs=specs)
+    raise TypeError(f"to_config: expected a dk term, spec or dk.tasks(...), got {type(spec).__name__}.")
+
+
+def _term_config(term: Term) -> M.TermConfig:
+    where = f"to_config (term '{term.name}')"
+    if REGISTRY.get(term.loss.name) is not term.loss:
+        raise ValueError(f"{where}: expected a registered loss, got {term.loss!r}, which is not the loss registered "
+                         f"under {term.loss.name!r}; register it with dk.register_loss so that spec files can name it.")
+    teacher = None if term.teacher is None or term.teacher == term.student else _selector_out(term.teacher)
+    proj = term.proj
+    return M.TermConfig(
+        loss=term.loss.name,
+        student=_selector_out(term.student),
+        teacher=teacher,
+        mask=term.mask,
+        labels=term.labels,
+        proj=None if proj is None else M.ProjConfig(kind=proj.kind, in_features=proj.in_features,
+                                                    out_features=proj.out_features),
+        probability_shift=term.probability_shift,
+        options={name: _option_out(value, f"{where}: option {name!r}") for name, value in term.options},
+        weight=[_factor_out(f, where) for f in term.weight],
+        name=term.name,
+    )
+
+
+def _selector_out(sel: tuple) -> str | tuple:
+    if isinstance(sel[0], tuple):
+        return tuple(_selector_out(s) for s in sel)
+    return sel[0] if len(sel) == 1 else sel
+
+
+def _plain(x: Tensor, where: str) -> bool | int | float:
+    """A 0-d tensor as a Python number: floats the shortest decimal that reads back to the same float32."""
+    if x.ndim != 0:
+        raise ValueError(f"{where}: expected a number or a 0-d tensor, got a tensor of shape {tuple(x.shape)}; "
+                         "only 0-d tensors can be written to a config.")
+    value = x.item()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite number, got {value}.")
+        if x.dtype != torch.float64:
+            single = np.float32(value)
+            if float(single) == value:
+                for digits in range(1, 10):
+                    short = float(f"{value:.{digits}g}")
+                    if np.float32(short) == single:
+                        return short
+    return value
+
+
+def _option_out(value: Any, where: str) -> Any:
+    if isinstance(value, Tensor):
+        return _plain(value, where)
+    if isinstance(value, (Schedule, AdaptiveTemperature)):
+        return _node_out(value, where)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number, got {value}.")
+    return value
+
+
+def _factor_out(factor: Any, where: str) -> Any:
+    return _node_out(factor, f"{where}: weight") if isinstance(factor, Schedule) else factor
+
+
+def _node_out(node: Schedule | AdaptiveTemperature, where: str) -> M._Node:
+    model, cls = _NODES.get(type(node).__name__, (None, None))
+    if model is None or cls is not type(node):
+        raise ValueError(f"{where}: expected a dk.schedules or dk.temperature object, got {type(node).__name__}, "
+                         "which has no config form.")
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(node):  # type: ignore[arg-type]
+        value = getattr(node, f.name)
+        if isinstance(value, tuple):
+            fields[f.name] = [_field_out(v, f.name, where) for v in value]
+        else:
+            fields[f.name] = _field_out(value, f.name, where)
+    return model(**fields)
+
+
+def _field_out(value: Any, name: str, where: str) -> Any:
+    if isinstance(value, (Schedule, AdaptiveTemperature)):
+        return _node_out(value, where)
+    if isinstance(value, Tensor):
+        number = _plain(value, f"{where}: {name}")
+        return int(number) if name in _INT_FIELDS and float(number).is_integer() else number
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ from_config
+def from_config(config) -> Spec | Tasks:
+    """Rebuild a spec from a config: a :class:`SpecConfig` / :class:`TasksConfig`, a dict, JSON text (a str starting
+    with ``{``) or the path of a JSON file (str or ``os.PathLike``).
+
+    ``from_config(spec.to_config()) == spec``. Losses are looked up in the registry (``dk.register_loss``) only.
+    Raises :class:`ConfigError` listing every problem as ``<path>: <message>`` (``terms.2.options.temperature: ...``).
+    """
+    source = None
+    if isinstance(config, (M.SpecConfig, M.TasksConfig)):
+        model = config
+    else:
+        if isinstance(config, os.PathLike) or (isinstance(config, str) and not config.lstrip().startswith("{")):
+            source = repr(str(config))
+            config = _read(config)
+        if isinstance(config, str):
+            config = _parse(config, source)
+        if not isinstance(config, dict):
+            raise TypeError("from_config: expected a SpecConfig/TasksConfig, a dict, JSON text or the path of a JSON "
+                            f"file, got {type(config).__name__}.")
+        try:
+            model = M.ADAPTER.validate_python(config)
+        except ValidationError as error:
+            raise config_error(problems(error), source) from None
+    found: list[tuple[str, str]] = []
+    if isinstance(model, M.SpecConfig):
+        spec = _spec(model, "", found)
+    else:
+        built = {name: _spec(s, f"specs.{name}", found) for name, s in model.specs.items()}
+        spec = None
+        if not found:
+            try:
+                spec = tasks(built, key=model.key)
+            except (TypeError, ValueError) as error:
+                found.append(("specs", str(error)))
+    if found:
+        raise config_error(found, source)
+    return spec
+
+
+def _read(path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"from_config: no such file: {str(path)!r} (a str is read as JSON text only when it "
+                                "starts with '{').")
+    return p.read_text(encoding="utf-8")
+
+
+def _parse(text: str, source: str | None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f" in {source}" if source else ""
+        raise ConfigError(f"from_config: malformed JSON{where} at line {error.lineno}, column {error.colno}: "
+                          f"{error.msg}.", [("<root>", f"line {error.lineno}, column {error.colno}: {error.msg}")]
+                          ) from None
+
+
+def _spec(model: M.SpecConfig, prefix: str, found: list[tuple[str, str]]) -> Spec | None:
+    at = f"{prefix}.terms" if prefix else "terms"
+    terms: list[Term] = []
+    first: dict[str, int] = {}
+    for i, config in enumerate(model.terms):
+        try:
+            loss = get_loss(config.loss, "loss")
+        except ValueError as error:
+            found.append((f"{at}.{i}.loss", str(error).removeprefix("loss: ")))
+            continue
+        try:
+            term = _term(loss, config)
+        except (TypeError, ValueError) as error:
+            found.append((f"{at}.{i}", str(error)))
+            continue
+        if term.name in first:
+            found.append((f"{at}.{i}.name", f"duplicate term name {term.name!r} (also {at}.{first[term.name]}); give "
+                                            "one of them another name"))
+            continue
+        first[term.name] = i
+        terms.append(term)
+    return None if found else Spec(tuple(terms))
+
+
+def _term(loss, config: M.TermConfig) -> Term:
+    proj = None if config.proj is None else Projection(config.proj.kind, config.proj.in_features,
+                                                       config.proj.out_features)
+    options = {name: value.build() if isinstance(value, BaseModel) else value for name, value in config.options.items()}
+    teacher = None if config.teacher is None else _selector_in(config.teacher)
+    term = Term.of(loss, _selector_in(config.student), teacher, mask=config.mask, labels=config.labels, proj=proj,
+                   probability_shift=config.probability_shift, options=options)
+    for factor in config.weight:
+        term = term * (factor.build() if isinstance(factor, BaseModel) else factor)
+    return term if config.name is None else term.named(config.name)
+
+
+def _selector_in(sel: str | tuple) -> Any:
+    if isinstance(sel, str) or isinstance(sel[1], int):
+        return sel
+    return list(sel)  # a pair: Term.of takes a list of two selectors
