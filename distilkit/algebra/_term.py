@@ -405,8 +405,15 @@ def _elements(x: TermInputs, term: Term) -> list[TermInputs]:
         x, ("student outputs", "teacher outputs", "masks", "labels", "labels"), strict=True)), strict=True)]
 
 
-def _project(module: Callable, x):
-    return tuple(module(xi) for xi in x) if isinstance(x, tuple) else module(x)
+def _project(term: Term, module: Callable, x):
+    if isinstance(x, tuple):
+        return tuple(_project(term, module, xi) for xi in x)
+    width = term.proj.in_features
+    if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != width:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{term.loss.name}: expected student features of width {width} for the projection "
+                         f"dk.proj.{term.proj.kind}({width}, {term.proj.out_features}), got {got}.")
+    return module(x)
 
 
 def _apply(term: Term, x: TermInputs, step: Tensor, params, counts: Mapping | None):
@@ -415,7 +422,7 @@ def _apply(term: Term, x: TermInputs, step: Tensor, params, counts: Mapping | No
     total, temperatures = 0.0, []
     base = {k: _at(v, step) for k, v in term.options}
     for e in _elements(x, term):
-        student = _project(params[term.name], e.student) if term.proj is not None else e.student
+        student = _project(term, params[term.name], e.student) if term.proj is not None else e.student
         teacher = e.teacher
         if term.probability_shift is not None:
             teacher = _probability_shift(teacher, e.shift)

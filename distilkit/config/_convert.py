@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +19,8 @@ from ..algebra._term import Spec, Term
 from ..schedules import Schedule
 from ..temperature import AdaptiveTemperature
 from . import _models as M
-from ._errors import ConfigError, config_error, problems
+from ._errors import config_error, problems
+from ._json import load_json
 
 # kind → (config model, the dk.schedules / dk.temperature class it describes)
 _NODES: dict[str, tuple[type[M._Node], type]] = {
@@ -149,11 +147,7 @@ def from_config(config) -> Spec | Tasks:
     if isinstance(config, (M.SpecConfig, M.TasksConfig)):
         model = config
     else:
-        if isinstance(config, os.PathLike) or (isinstance(config, str) and not config.lstrip().startswith("{")):
-            source = repr(str(config))
-            config = _read(config)
-        if isinstance(config, str):
-            config = _parse(config, source)
+        config, source = load_json(config, "from_config")
         if not isinstance(config, dict):
             raise TypeError("from_config: expected a SpecConfig/TasksConfig, a dict, JSON text or the path of a JSON "
                             f"file, got {type(config).__name__}.")
@@ -175,24 +169,6 @@ def from_config(config) -> Spec | Tasks:
     if found:
         raise config_error(found, source)
     return spec
-
-
-def _read(path) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"from_config: no such file: {str(path)!r} (a str is read as JSON text only when it "
-                                "starts with '{').")
-    return p.read_text(encoding="utf-8")
-
-
-def _parse(text: str, source: str | None) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        where = f" in {source}" if source else ""
-        raise ConfigError(f"from_config: malformed JSON{where} at line {error.lineno}, column {error.colno}: "
-                          f"{error.msg}.", [("<root>", f"line {error.lineno}, column {error.colno}: {error.msg}")]
-                          ) from None
 
 
 def _spec(model: M.SpecConfig, prefix: str, found: list[tuple[str, str]]) -> Spec | None:

@@ -7,7 +7,6 @@ loop applies them. TextBrewer itself is never imported: the preset names are map
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from .. import algebra as A
 from ..algebra import Loss, Spec, Term, proj
 from ..schedules import Schedule, linear_decay, linear_growth
 from ..schedules._temperature import cwsm, flsw
+from ._json import load_json
 
 API = "from_textbrewer"
 
@@ -146,19 +146,12 @@ def from_textbrewer(config: Mapping[str, Any] | str | os.PathLike, total_steps: 
 
 # ------------------------------------------------------------------------------------------------------- input
 def _load(config) -> Any:
+    parsed_from_text = isinstance(config, (str, os.PathLike))
+    config, _ = load_json(config, API)
     if isinstance(config, Mapping):
         return config
-    if isinstance(config, str) and config.lstrip().startswith("{"):
-        try:
-            return json.loads(config)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{API}: could not parse the config as JSON: {error}") from error
-    if isinstance(config, (str, os.PathLike)):
-        with open(config, encoding="utf-8") as f:
-            try:
-                return json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{API}: could not parse {os.fspath(config)!r} as JSON: {error}") from error
+    if parsed_from_text:
+        raise ValueError(f"{API}: expected a JSON object (a DistillationConfig), got a JSON {type(config).__name__}.")
     hint = ""
     if type(config).__name__ == "DistillationConfig":
         hint = " (a DistillationConfig object holds its schedulers as functions: pass the dict it was built from)"

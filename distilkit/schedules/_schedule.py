@@ -128,18 +128,24 @@ def number(api: str, name: str, value: object, check: Callable[[float], bool] = 
         if _readable(leaf) and not check(float(leaf)):
             raise ValueError(f"{api}: expected {name} to be {what}, got {float(leaf)}.")
         return leaf
-    if not check(float(value)):
+    leaf = torch.tensor(float(value), dtype=torch.float32)
+    if not (check(float(value)) and check(float(leaf))):  # the second catches overflow to inf in float32
         raise ValueError(f"{api}: expected {name} to be {what}, got {value}.")
-    return torch.tensor(float(value), dtype=torch.float32)
+    return leaf
+
+
+MAX_STEP = 2**24
+"""Steps are compared in float32, which holds every integer up to 2**24 exactly."""
 
 
 def integer(api: str, name: str, value: object, minimum: int) -> Tensor:
-    """An integral number (``int``, an integral float, or a 0-d tensor) >= ``minimum``, stored as a float leaf."""
+    """An integral number (``int``, an integral float, or a 0-d tensor) in ``[minimum, 2**24]``, as a float leaf."""
     bound = "> 0" if minimum == 1 else f">= {minimum}"
     leaf = number(api, name, value, lambda v: math.isfinite(v) and v == int(v), "an integer")
-    if _readable(leaf) and float(leaf) < minimum:
+    if _readable(leaf) and not minimum <= float(leaf) <= MAX_STEP:
         shown = int(value) if isinstance(value, numbers.Real) else int(float(leaf))
-        raise ValueError(f"{api}: expected {name} {bound}, got {shown}.")
+        limit = f"{bound}" if float(leaf) < minimum else "<= 2**24 (steps are exact in float32 up to there)"
+        raise ValueError(f"{api}: expected {name} {limit}, got {shown}.")
     return leaf
 
 
