@@ -1,4 +1,5 @@
-"""A 2-process DDP run on CPU (torchrun, gloo) gives the single-process full-batch gradient."""
+"""2-process runs on CPU (torchrun, gloo) with DDP, FSDP2 and Accelerate give the single-process full-batch
+gradient when the step is normalised by dk.distributed.global_counts."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from ddp_common import Trainable, data, make_spec
 
@@ -15,7 +17,8 @@ import distilkit as dk
 HERE = Path(__file__).resolve().parent
 
 
-def test_ddp_with_global_counts_equals_the_single_process_full_batch(tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "accelerate"])
+def test_data_parallel_with_global_counts_equals_the_single_process_full_batch(engine, tmp_path):
     spec = make_spec()
     torch.manual_seed(1)
     params = dk.init_params(spec)
@@ -32,7 +35,7 @@ def test_ddp_with_global_counts_equals_the_single_process_full_batch(tmp_path):
            "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HERE / "ddp_worker.py"), out_path],
+         str(HERE / "ddp_worker.py"), engine, out_path],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
