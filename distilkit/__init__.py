@@ -9,6 +9,7 @@
   :mod:`distilkit.tensorboard`.
 """
 
+from . import cache as cache
 from . import config as config
 from . import distributed as distributed
 from . import losses as losses
@@ -43,6 +44,12 @@ from .algebra import register_loss as register_loss
 from .algebra import relation_kl as relation_kl
 from .algebra import reverse_kl as reverse_kl
 from .algebra import skew_kl as skew_kl
+from .algebra import sparse_jsd as sparse_jsd
+from .algebra import sparse_kd_ce as sparse_kd_ce
+from .algebra import sparse_kd_kl as sparse_kd_kl
+from .algebra import sparse_reverse_kl as sparse_reverse_kl
+from .algebra import sparse_skew_kl as sparse_skew_kl
+from .algebra import sparse_tvd as sparse_tvd
 from .algebra import task_sampler as task_sampler
 from .algebra import tasks as tasks
 from .algebra import tvd as tvd

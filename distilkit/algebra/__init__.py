@@ -1,7 +1,7 @@
 """The loss algebra: ``Loss.on(...)`` → ``Term``; ``+``, ``number *``, ``schedule *``, ``.named()``; ``layers``;
 projections and ``init_params``; multi-teacher and multi-task building blocks."""
 
-from . import _proj as proj
+from . import proj as proj
 from ._loss import REGISTRY as REGISTRY
 from ._loss import Loss as Loss
 from ._loss import attention_ce as attention_ce
@@ -24,6 +24,12 @@ from ._loss import register_loss as register_loss
 from ._loss import relation_kl as relation_kl
 from ._loss import reverse_kl as reverse_kl
 from ._loss import skew_kl as skew_kl
+from ._loss import sparse_jsd as sparse_jsd
+from ._loss import sparse_kd_ce as sparse_kd_ce
+from ._loss import sparse_kd_kl as sparse_kd_kl
+from ._loss import sparse_reverse_kl as sparse_reverse_kl
+from ._loss import sparse_skew_kl as sparse_skew_kl
+from ._loss import sparse_tvd as sparse_tvd
 from ._loss import tvd as tvd
 from ._multi import Tasks as Tasks
 from ._multi import ensemble as ensemble
@@ -35,10 +41,3 @@ from ._term import Spec as Spec
 from ._term import SpecKeyError as SpecKeyError
 from ._term import Term as Term
 from ._term import layers as layers
-
-__all__ = [
-    "REGISTRY", "Loss", "Projection", "Spec", "SpecKeyError", "Tasks", "Term", "attention_ce", "attention_kl",
-    "attention_mse", "cosine", "ensemble", "fsp", "get_loss", "hard_ce", "hidden_mse", "init_params", "jsd",
-    "kd_ce", "kd_kl", "kd_mse", "layers", "mmd", "nst", "pkd", "precomputed", "proj", "register_loss",
-    "relation_kl", "reverse_kl", "skew_kl", "task_sampler", "tasks", "tvd",
-]

@@ -27,6 +27,12 @@ from ._logits import skew_kl as skew_kl
 from ._logits import tvd as tvd
 from ._precomputed import precomputed as precomputed
 from ._reduce import Reduction as Reduction
+from ._sparse import sparse_jsd as sparse_jsd
+from ._sparse import sparse_kd_ce as sparse_kd_ce
+from ._sparse import sparse_kd_kl as sparse_kd_kl
+from ._sparse import sparse_reverse_kl as sparse_reverse_kl
+from ._sparse import sparse_skew_kl as sparse_skew_kl
+from ._sparse import sparse_tvd as sparse_tvd
 
 __all__ = [
     "Reduction",
@@ -49,5 +55,11 @@ __all__ = [
     "relation_kl",
     "reverse_kl",
     "skew_kl",
+    "sparse_jsd",
+    "sparse_kd_ce",
+    "sparse_kd_kl",
+    "sparse_reverse_kl",
+    "sparse_skew_kl",
+    "sparse_tvd",
     "tvd",
 ]
