@@ -7,8 +7,11 @@
 * Schedules and temperatures — :mod:`distilkit.schedules`, :mod:`distilkit.temperature`.
 * Step — ``dk.make_step(spec)``; global normalisation in :mod:`distilkit.distributed`; logging in
   :mod:`distilkit.tensorboard`.
+* Integrations — ``dk.adapters.hf(model_output)`` maps Hugging Face outputs to ``{"logits", "hidden",
+  "attention"}``; ``dk.cache`` stores teacher outputs (dense or top-k) in memory-mapped shards.
 """
 
+from . import adapters as adapters
 from . import cache as cache
 from . import config as config
 from . import distributed as distributed

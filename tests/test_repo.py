@@ -15,7 +15,7 @@ PACKAGE = ROOT / "distilkit"
 LOSSES = PACKAGE / "losses"
 BASE = {"torch", "einops", "numpy", "__future__"} | set(sys.stdlib_module_names)
 # Each layer imports only the layers above it (DESIGN.md), and nothing of pydantic, tensorboard or the CLI.
-LAYERS = {"losses": set(), "schedules": {"losses"}, "algebra": {"losses", "schedules"}}
+LAYERS = {"losses": set(), "schedules": {"losses"}, "algebra": {"losses", "schedules"}, "adapters": set()}
 
 
 def _imports(path: Path, *, module_level: bool) -> list[tuple[int, str]]:

@@ -1,0 +1,5 @@
+"""Adapters from model libraries' outputs to distilkit's output mapping ``{"logits", "hidden", "attention"}``."""
+
+from ._hf import hf as hf
+
+__all__ = ["hf"]
