@@ -132,12 +132,7 @@ def relation_kl(student: Tensor, teacher: Tensor, *, num_heads: int, mask=None) 
     and teacher widths may differ. Averaged over (batch, relation head, kept query).
     """
     api = "relation_kl"
-    s = check.floating(api, "student features", student)
-    t = check.floating(api, "teacher features", teacher).detach()
-    for name, x in (("student", s), ("teacher", t)):
-        check.rank(api, f"{name} features", x, (3,), "[B, L, D]")
-    check.same_shape(api, s, t, "student and teacher features", dims=slice(0, 2))
-    check.same_device(api, student=s, teacher=t)
+    s, t, keep = check.sequences(api, student, teacher, mask)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"{api}: expected num_heads to be a positive int, got {num_heads!r}.")
     for name, x in (("student", s), ("teacher", t)):
@@ -145,7 +140,6 @@ def relation_kl(student: Tensor, teacher: Tensor, *, num_heads: int, mask=None) 
             raise ValueError(
                 f"{api}: expected num_heads={num_heads} to divide the {name} width, got width {x.shape[-1]}."
             )
-    keep = check.mask(api, mask, tuple(s.shape[:2]), s)
     rs, rt = (_relations(x, num_heads) for x in (s, t))
     return _kl_over_kept_keys(rs, rt, keep)
 

@@ -125,3 +125,16 @@ def unit_interval(api: str, name: str, value: object) -> float | Tensor:
 def choice(api: str, name: str, value: object, allowed: Sequence[object]) -> None:
     if value not in allowed:
         raise ValueError(f"{api}: expected {name} to be one of {tuple(allowed)}, got {value!r}.")
+
+
+
+def sequences(api: str, student: object, teacher: object, m: object) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Student and teacher hidden states ``[B, L, D_s]``, ``[B, L, D_t]`` (widths may differ), upcast, the teacher
+    detached; and the keep-mask ``m`` checked as ``[B, L]``."""
+    s = floating(api, "student features", student)
+    t = floating(api, "teacher features", teacher).detach()
+    for name, x in (("student", s), ("teacher", t)):
+        rank(api, f"{name} features", x, (3,), "[B, L, D]")
+    same_shape(api, s, t, "student and teacher features", dims=slice(0, 2))
+    same_device(api, student=s, teacher=t)
+    return s, t, mask(api, m, tuple(s.shape[:2]), s)

@@ -97,14 +97,7 @@ def nst(student: Tensor, teacher: Tensor, *, mask=None, eps: float = 1e-12) -> P
     ``(1/D_T²) Σ k(t̂_i, t̂_i') + (1/D_S²) Σ k(ŝ_j, ŝ_j') − (2/(D_S D_T)) Σ k(ŝ_j, t̂_i)``. Averaged over samples
     with at least one kept position; widths may differ.
     """
-    api = "nst"
-    s = check.floating(api, "student features", student)
-    t = check.floating(api, "teacher features", teacher).detach()
-    for name, x in (("student", s), ("teacher", t)):
-        check.rank(api, f"{name} features", x, (3,), "[B, L, D]")
-    check.same_shape(api, s, t, "student and teacher features", dims=slice(0, 2))
-    check.same_device(api, student=s, teacher=t)
-    keep = check.mask(api, mask, tuple(s.shape[:2]), s)
+    s, t, keep = check.sequences("nst", student, teacher, mask)
 
     def position_gram(x: Tensor) -> Tensor:
         if keep is not None:
