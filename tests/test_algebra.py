@@ -293,3 +293,14 @@ def test_task_sampler_follows_the_size_power_rule():
     assert [next(first) for _ in range(20)] == [next(second) for _ in range(20)]
     with pytest.raises(ValueError, match=r"task_sampler: expected a positive int size for task 'a'"):
         dk.task_sampler({"a": 0})
+
+
+def test_specs_print_as_the_code_that_builds_them():
+    spec = (dk.kd_kl.on("logits", mask="attention_mask", temperature=2.0).named("kd")
+            + 0.5 * dk.layers(dk.hidden_mse, [(0, 1)], feature="hidden", proj=dk.proj.linear(4, 8))
+            + dk.fsp.on([("hidden", 0), ("hidden", 1)]))
+    assert repr(spec) == (
+        "dk.kd_kl.on('logits', mask='attention_mask', temperature=2.0).named('kd')\n"
+        " + 0.5 * dk.hidden_mse.on(('hidden', 0), ('hidden', 1), proj=dk.proj.linear(4, 8))\n"
+        " + dk.fsp.on([('hidden', 0), ('hidden', 1)])"
+    )

@@ -62,6 +62,21 @@ def _indices(sel: tuple) -> str:
     return str(sel[1]) if len(sel) == 2 else ""
 
 
+def _source(sel: tuple) -> str:
+    """A selector as it would be written: ``'logits'``, ``('hidden', 3)``, ``[('hidden', 0), ('hidden', 1)]``."""
+    if _is_pair(sel):
+        return "[" + ", ".join(_source(s) for s in sel) + "]"
+    return repr(sel[0]) if len(sel) == 1 else repr(sel)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, Projection):
+        return f"dk.proj.{value.kind}({value.in_features}, {value.out_features})"
+    if isinstance(value, Tensor) and value.ndim == 0:
+        return f"tensor({value.item():.6g})" if value.device.type == "cpu" else "tensor(...)"
+    return repr(value)
+
+
 def _describe(sel: tuple) -> str:
     if _is_pair(sel):
         return "[" + ", ".join(_describe(s) for s in sel) + "]"
@@ -162,6 +177,18 @@ class Term:
             raise TypeError(f"Term / number: expected a non-zero number, got {number!r}.")
         return self * (1.0 / number)
 
+    def __repr__(self) -> str:
+        args = [_source(self.student)]
+        if self.teacher is not None and self.teacher != self.student:
+            args.append(_source(self.teacher))
+        keys = {"mask": self.mask, "labels": None if self.labels == "labels" else self.labels,
+                "proj": self.proj, "probability_shift": self.probability_shift}
+        args += [f"{k}={_short(v)}" for k, v in (*keys.items(), *self.options) if v is not None]
+        text = f"dk.{self.loss.name}.on({', '.join(args)})"
+        if self.name != _default_name(self):
+            text += f".named({self.name!r})"
+        return "".join(f"{_short(w)} * " for w in self.weight) + text
+
     @property
     def option_dict(self) -> dict[str, Any]:
         return dict(self.options)
@@ -247,6 +274,9 @@ class Spec:
         return Spec(tuple(t * factor for t in self.terms))
 
     __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return "\n + ".join(repr(t) for t in self.terms) if self.terms else "Spec(())"
 
     def __iter__(self):
         return iter(self.terms)

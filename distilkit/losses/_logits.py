@@ -101,7 +101,9 @@ def jsd(student: Tensor, teacher: Tensor, *, beta=0.5, temperature=1.0, mask=Non
 
     GKD (Agarwal et al., 2024, arXiv:2306.13649). The formula tends to 0 at both ends, so, as TRL and Liger-Kernel
     do, ``β = 0`` is defined as forward KL(p_T‖p_S) and ``β = 1`` as reverse KL(p_S‖p_T). ``beta`` is a float or a
-    0-d tensor in [0, 1]; other options as :func:`kd_ce`.
+    0-d tensor in [0, 1]; other options as :func:`kd_ce`. Near the ends the divergence behaves like β·KL and
+    (1−β)·KL, so the defined endpoints are the limits of ``jsd / β`` and ``jsd / (1 − β)``, not of ``jsd`` itself:
+    the value jumps at β = 0 and β = 1.
     """
     b = check.unit_interval("jsd", "beta", beta)
 
@@ -133,7 +135,11 @@ def skew_kl(student: Tensor, teacher: Tensor, *, alpha=0.1, temperature=1.0, mas
 
 @masked_loss
 def tvd(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None, t2_scale: bool = True) -> Parts:
-    r"""Total variation distance ``½ Σ_v |p_T − p_S|`` per kept row (in [0, 1] before the T² factor)."""
+    r"""Total variation distance ``½ Σ_v |p_T − p_S|`` per kept row (in [0, 1] before the T² factor).
+
+    TVD shrinks only like 1/T as the temperature grows (KL shrinks like 1/T²), so with ``t2_scale`` it grows with T;
+    pass ``t2_scale=False`` to keep it in [0, 1].
+    """
     return _soft_rows("tvd", lambda ls, lt: 0.5 * (lt.exp() - ls.exp()).abs().sum(-1), student, teacher,
                       temperature, mask, t2_scale)
 
