@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from .algebra._evaluate import TermInputs, evaluate, gather
 from .algebra._multi import Tasks
-from .algebra._term import Spec, TermInputs, as_spec, evaluate, gather
+from .algebra._term import Spec, as_spec
 
 
 class NonFiniteError(ValueError):

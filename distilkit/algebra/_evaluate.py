@@ -1,0 +1,210 @@
+"""Applying a spec to one batch, in two halves so that the step can compile the second with ``fullgraph=True``:
+
+* :func:`gather` (eager, Python): resolves selectors and ``mask=`` / ``labels=`` keys, with errors naming the term;
+* :func:`evaluate` (pure tensor code): projections, schedules, adaptive temperatures, losses, weights, metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..losses import probability_shift as _probability_shift
+from ..schedules import Schedule
+from ..schedules._temperature import AdaptiveTemperature
+from ._term import Spec, SpecKeyError, Term, _is_pair
+
+
+# -------------------------------------------------------------------------------------------------- gather
+class TermInputs(NamedTuple):
+    """What one term reads: tensors, pairs (tuple) or lists (summed over)."""
+
+    student: Any
+    teacher: Any
+    mask: Any
+    labels: Any
+    shift: Any
+
+
+def _lookup_output(outputs: Mapping, sel: tuple, side: str, term: Term):
+    if _is_pair(sel):
+        return tuple(_lookup_output(outputs, s, side, term) for s in sel)
+    if not isinstance(outputs, Mapping):
+        raise TypeError(f"{term.loss.name} (term '{term.name}'): expected the {side} outputs to be a mapping "
+                        f"(e.g. a dict or dk.adapters.hf(...)), got {type(outputs).__name__}.")
+    key = sel[0]
+    if key not in outputs:
+        raise SpecKeyError(f"{term.loss.name} (term '{term.name}'): expected key {key!r} in the {side} outputs, "
+                           f"got keys {sorted(map(str, outputs))}.")
+    value = outputs[key]
+    if len(sel) == 1:
+        return list(value) if isinstance(value, (list, tuple)) else value
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{term.loss.name} (term '{term.name}'): expected {side} outputs[{key!r}] to be a list or "
+                        f"tuple of layers to index with {sel[1]}, got {type(value).__name__}.")
+    if not -len(value) <= sel[1] < len(value):
+        raise SpecKeyError(f"{term.loss.name} (term '{term.name}'): layer index {sel[1]} is out of range for "
+                           f"{side} outputs[{key!r}], which has {len(value)} layers.")
+    return value[sel[1]]
+
+
+def _lookup_key(key: str | None, batch, student_out, teacher_out, term: Term, what: str):
+    if key is None:
+        return None
+    optional = key.endswith("?")
+    name = key.rstrip("?")
+    for source in (batch, student_out, teacher_out):
+        if isinstance(source, Mapping) and name in source:
+            value = source[name]
+            return list(value) if isinstance(value, (list, tuple)) else value
+    if optional:
+        return None
+    raise SpecKeyError(f"{term.loss.name} (term '{term.name}'): expected {what} key {name!r} in the batch, the "
+                       "student outputs or the teacher outputs; it is in none of them.")
+
+
+def gather(spec: Spec, student_out, teacher_out, batch) -> dict[str, TermInputs]:
+    """Resolve what every term reads (eager; errors name the term)."""
+    inputs = {}
+    for term in spec.terms:
+        student = _lookup_output(student_out, term.student, "student", term)
+        teacher = None if term.teacher is None else _lookup_output(teacher_out, term.teacher, "teacher", term)
+        inputs[term.name] = TermInputs(
+            student, teacher,
+            _lookup_key(term.mask, batch, student_out, teacher_out, term, "mask"),
+            _lookup_key(term.labels, batch, student_out, teacher_out, term, "labels"),
+            _lookup_key(term.probability_shift, batch, student_out, teacher_out, term, "probability_shift labels"),
+        )
+    return inputs
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def _at(value, step: Tensor):
+    return value(step) if isinstance(value, Schedule) else value
+
+
+def _weight(term: Term, step: Tensor) -> Tensor:
+    weight = torch.ones((), device=step.device)
+    for factor in term.weight:
+        weight = weight * _at(factor, step)
+    return weight
+
+
+def _elements(x: TermInputs, term: Term) -> list[TermInputs]:
+    """The (student, teacher, mask, labels, shift) tuples to sum over: one, or one per listed element."""
+    if not isinstance(x.student, list):
+        return [x]
+    n = len(x.student)
+
+    def spread(value, what: str) -> list:
+        if not isinstance(value, list):
+            return [value] * n
+        if len(value) == 1:
+            return value * n
+        if len(value) != n:
+            raise ValueError(f"{term.loss.name} (term '{term.name}'): expected {what} to list 1 or {n} entries "
+                             f"(one per selected tensor), got {len(value)}.")
+        return value
+
+    return [TermInputs(*row) for row in zip(*(spread(v, w) for v, w in zip(
+        x, ("student outputs", "teacher outputs", "masks", "labels", "labels"), strict=True)), strict=True)]
+
+
+def _project(term: Term, module: Callable, x):
+    if isinstance(x, tuple):
+        return tuple(_project(term, module, xi) for xi in x)
+    width = term.proj.in_features
+    if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != width:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{term.loss.name}: expected student features of width {width} for the projection "
+                         f"dk.proj.{term.proj.kind}({width}, {term.proj.out_features}), got {got}.")
+    return module(x)
+
+
+def _apply(term: Term, x: TermInputs, step: Tensor, params, counts: Mapping | None):
+    """``(value, temperature)`` of one term (unweighted; summed over listed elements)."""
+    loss = term.loss
+    total, temperatures = 0.0, []
+    base = {k: _at(v, step) for k, v in term.options}
+    for e in _elements(x, term):
+        student = _project(term, params[term.name], e.student) if term.proj is not None else e.student
+        teacher = e.teacher
+        if term.probability_shift is not None:
+            teacher = _probability_shift(teacher, e.shift)
+        options = dict(base)
+        if isinstance(options.get("temperature"), AdaptiveTemperature):
+            options["temperature"] = options["temperature"](student, teacher, mask=e.mask)
+        if loss.temperature:
+            temperatures.append(options.get("temperature", 1.0))
+        if e.mask is not None:
+            options["mask"] = e.mask
+        args = {"teacher": (student, teacher), "labels": (student, e.labels), "student": (student,)}[loss.inputs]
+        key = _count_key(term)
+        if counts is not None and key in counts and loss.sum_count is not None:
+            total = total + _globally_normalised(loss.sum_count(*args, **options), e.mask, counts[key])
+        else:
+            total = total + loss(*args, **options)
+    temperature = None
+    if temperatures:
+        temperature = sum(torch.as_tensor(t, device=step.device).float().mean() for t in temperatures)
+        temperature = temperature / len(temperatures)
+    return total, temperature
+
+
+def _count_key(term: Term) -> str | None:
+    """The key whose global count normalises ``term``: its mask, or for label losses its labels."""
+    key = term.mask if term.mask is not None else term.labels
+    return None if key is None else key.rstrip("?")
+
+
+def _globally_normalised(sum_count: tuple[Tensor, Tensor], mask: Tensor | None, global_positions) -> Tensor:
+    """``sum / (count per kept position × global kept positions)`` — the full-batch mean's share."""
+    total, count = sum_count
+    positions = count if mask is None else (mask != 0).sum().to(total.dtype)
+    per_position = torch.where(positions > 0, count / positions.clamp_min(1), torch.ones_like(count))
+    return total / (per_position * global_positions).clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def evaluate(spec: Spec, inputs: Mapping[str, TermInputs], step: Tensor, params=None,
+             counts: Mapping[str, Any] | None = None, name_errors: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(loss, metrics)`` of ``spec`` on gathered inputs. Pure tensor code (compiled by the step).
+
+    ``counts`` maps a mask key to the number of kept positions of the whole optimizer step (all micro-batches,
+    divided by the data-parallel world size): terms masked by that key are normalised by it instead of locally.
+    """
+    loss = None
+    metrics: dict[str, Tensor] = {}
+    for term in spec.terms:
+        try:
+            value, temperature = _apply(term, inputs[term.name], step, params, counts)
+        except (ValueError, TypeError, KeyError) as error:
+            if not name_errors:
+                raise
+            raise _named(error, term) from error
+        weight = _weight(term, step)
+        weighted = weight * value
+        loss = weighted if loss is None else loss + weighted
+        metrics[f"{term.name}/loss"] = value.detach()
+        metrics[f"{term.name}/weight"] = weight.detach()
+        if temperature is not None:
+            metrics[f"{term.name}/temperature"] = temperature.detach()
+    if loss is None:
+        loss = torch.zeros((), device=step.device)
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+def _named(error: Exception, term: Term) -> Exception:
+    message = str(error)
+    api = term.loss.name
+    if f"(term '{term.name}')" in message:
+        return error
+    if message.startswith(f"{api}:"):
+        message = f"{api} (term '{term.name}'):" + message[len(api) + 1:]
+    else:
+        message = f"{api} (term '{term.name}'): {message}"
+    cls = SpecKeyError if isinstance(error, KeyError) else type(error)
+    return cls(message)
