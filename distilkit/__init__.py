@@ -27,9 +27,16 @@ from .algebra import Term as Term
 from .algebra import attention_ce as attention_ce
 from .algebra import attention_kl as attention_kl
 from .algebra import attention_mse as attention_mse
+from .algebra import chunked_jsd as chunked_jsd
+from .algebra import chunked_kd_ce as chunked_kd_ce
+from .algebra import chunked_kd_kl as chunked_kd_kl
+from .algebra import chunked_reverse_kl as chunked_reverse_kl
+from .algebra import chunked_skew_kl as chunked_skew_kl
+from .algebra import chunked_tvd as chunked_tvd
 from .algebra import cosine as cosine
 from .algebra import ensemble as ensemble
 from .algebra import fsp as fsp
+from .algebra import fused_linear_kd as fused_linear_kd
 from .algebra import hard_ce as hard_ce
 from .algebra import hidden_mse as hidden_mse
 from .algebra import init_params as init_params

@@ -7,8 +7,15 @@ from ._loss import Loss as Loss
 from ._loss import attention_ce as attention_ce
 from ._loss import attention_kl as attention_kl
 from ._loss import attention_mse as attention_mse
+from ._loss import chunked_jsd as chunked_jsd
+from ._loss import chunked_kd_ce as chunked_kd_ce
+from ._loss import chunked_kd_kl as chunked_kd_kl
+from ._loss import chunked_reverse_kl as chunked_reverse_kl
+from ._loss import chunked_skew_kl as chunked_skew_kl
+from ._loss import chunked_tvd as chunked_tvd
 from ._loss import cosine as cosine
 from ._loss import fsp as fsp
+from ._loss import fused_linear_kd as fused_linear_kd
 from ._loss import get_loss as get_loss
 from ._loss import hard_ce as hard_ce
 from ._loss import hidden_mse as hidden_mse

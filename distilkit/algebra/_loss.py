@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .. import losses as L
+from ..losses._fused import fused_linear_kd_term as _fused_linear_kd_term
 
 Inputs = Literal["teacher", "labels", "student"]
 
@@ -128,3 +129,10 @@ sparse_reverse_kl = _builtin(L.sparse_reverse_kl, temperature=True)
 sparse_jsd = _builtin(L.sparse_jsd, temperature=True)
 sparse_skew_kl = _builtin(L.sparse_skew_kl, temperature=True)
 sparse_tvd = _builtin(L.sparse_tvd, temperature=True)
+chunked_jsd = _builtin(L.chunked_jsd, temperature=True)
+chunked_kd_ce = _builtin(L.chunked_kd_ce, temperature=True)
+chunked_kd_kl = _builtin(L.chunked_kd_kl, temperature=True)
+chunked_reverse_kl = _builtin(L.chunked_reverse_kl, temperature=True)
+chunked_skew_kl = _builtin(L.chunked_skew_kl, temperature=True)
+chunked_tvd = _builtin(L.chunked_tvd, temperature=True)
+fused_linear_kd = _builtin(_fused_linear_kd_term, name="fused_linear_kd", pair=True)  # no adaptive temperature

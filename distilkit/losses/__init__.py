@@ -10,9 +10,16 @@ from ._attention import attention_ce as attention_ce
 from ._attention import attention_kl as attention_kl
 from ._attention import attention_mse as attention_mse
 from ._attention import relation_kl as relation_kl
+from ._chunked import chunked_jsd as chunked_jsd
+from ._chunked import chunked_kd_ce as chunked_kd_ce
+from ._chunked import chunked_kd_kl as chunked_kd_kl
+from ._chunked import chunked_reverse_kl as chunked_reverse_kl
+from ._chunked import chunked_skew_kl as chunked_skew_kl
+from ._chunked import chunked_tvd as chunked_tvd
 from ._features import cosine as cosine
 from ._features import hidden_mse as hidden_mse
 from ._features import pkd as pkd
+from ._fused import fused_linear_kd as fused_linear_kd
 from ._gram import fsp as fsp
 from ._gram import mmd as mmd
 from ._gram import nst as nst
@@ -39,8 +46,15 @@ __all__ = [
     "attention_ce",
     "attention_kl",
     "attention_mse",
+    "chunked_jsd",
+    "chunked_kd_ce",
+    "chunked_kd_kl",
+    "chunked_reverse_kl",
+    "chunked_skew_kl",
+    "chunked_tvd",
     "cosine",
     "fsp",
+    "fused_linear_kd",
     "hard_ce",
     "hidden_mse",
     "jsd",
