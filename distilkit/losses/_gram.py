@@ -21,13 +21,19 @@ def _pair(api: str, name: str, x) -> tuple[Tensor, Tensor]:
             f"{api}: expected {name} to be a tensor [B, L, D] or a pair (tuple or list of two) of them, "
             f"got {type(x).__name__}" + (f" of length {len(x)}." if isinstance(x, (tuple, list)) else ".")
         )
-    return tuple(check.floating(api, f"{name}[{i}]", xi) for i, xi in enumerate(x))
+    return _each(tuple(x), lambda xi, i: check.floating(api, f"{name}[{i}]", xi))
+
+
+def _each(pair: tuple, f) -> tuple:
+    """``(f(a, 0), f(b, 1))``, computing ``f`` once when the pair holds one tensor twice (and keeping it so)."""
+    first = f(pair[0], 0)
+    return (first, first) if pair[1] is pair[0] else (first, f(pair[1], 1))
 
 
 def _hidden_pairs(api: str, student, teacher, mask):
     """Checked, upcast student and teacher pairs (teacher detached), masked positions zeroed; and the mask."""
     s, t = _pair(api, "student", student), _pair(api, "teacher", teacher)
-    t = tuple(x.detach() for x in t)
+    t = _each(t, lambda x, _: x.detach())
     members = {"student[0]": s[0], "student[1]": s[1], "teacher[0]": t[0], "teacher[1]": t[1]}
     for name, x in members.items():
         check.rank(api, name, x, (3,), "[B, L, D]")
@@ -36,7 +42,7 @@ def _hidden_pairs(api: str, student, teacher, mask):
     keep = check.mask(api, mask, tuple(s[0].shape[:2]), s[0])
     if keep is not None:
         rows = keep.unsqueeze(-1)
-        s, t = (tuple(torch.where(rows, x, 0) for x in pair) for pair in (s, t))
+        s, t = (_each(pair, lambda x, _: torch.where(rows, x, 0)) for pair in (s, t))
     return s, t, keep
 
 
