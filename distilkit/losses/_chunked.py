@@ -24,12 +24,11 @@ supported, and each graph may be backpropagated once (the gradient buffer is sca
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from . import _checks as check
+from ._logits import _log_mixture
 from ._reduce import REDUCTIONS
 
 KINDS = ("kd_ce", "kd_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
@@ -59,17 +58,6 @@ def check_chunk_size(api: str, chunk_size: object) -> None:
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _log(w: float | Tensor) -> float | Tensor:
-    if isinstance(w, Tensor):
-        return w.log()
-    return math.log(w) if w > 0 else -math.inf
-
-
-def _log_mixture(log_p: Tensor, log_q: Tensor, w: float | Tensor) -> Tensor:
-    """log(w·p + (1−w)·q), stable, w = 0 or 1 allowed."""
-    return torch.logaddexp(log_p + _log(w), log_q + _log(1 - w))
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
