@@ -56,6 +56,14 @@ def check_chunk_size(api: str, chunk_size: object) -> None:
         raise ValueError(f"{api}: expected chunk_size to be a positive int or None, got {chunk_size!r}.")
 
 
+def finish_rows(rows: Tensor, per_row: bool, divisor: Tensor | None) -> Tensor:
+    """What a chunked forward returns: the per-row values, or their sum (divided by ``divisor`` when given)."""
+    if per_row:
+        return rows
+    total = rows.sum()
+    return total if divisor is None else total / divisor
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -223,10 +231,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             rows_out[i:j] = rows
         ctx.save_for_backward(grad)
         ctx.per_row = per_row
-        if per_row:
-            return rows_out
-        total = rows_out.sum()
-        return total if divisor is None else total / divisor
+        return finish_rows(rows_out, per_row, divisor)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

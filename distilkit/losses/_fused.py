@@ -29,6 +29,7 @@ from ._chunked import (
     check_chunk_size,
     check_reduction,
     compute_dtype,
+    finish_rows,
     kd_ce_rows_and_grad,
     prepare_rows,
     rows_and_grad,
@@ -156,10 +157,7 @@ class _FusedLinearKD(torch.autograd.Function):
             g_bs = None if g_bs is None else g_bs.to(bs.dtype)
             ctx.save_for_backward(g_hs, g_ws, g_bs)
         del work
-        if per_row:
-            return rows_out
-        total = rows_out.sum()
-        return total if divisor is None else total / divisor
+        return finish_rows(rows_out, per_row, divisor)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
