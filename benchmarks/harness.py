@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch.utils.benchmark import Timer
 
+from distilkit.losses import _cpu_kernel
+
 SCHEMA = "distilkit-bench/1"
 
 
@@ -238,6 +240,7 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         "load_average_start": load_average(),
         "transparent_hugepages": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "distilkit_cpu_kernel": _cpu_kernel.status(),
     }
     try:
         import textbrewer

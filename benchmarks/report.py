@@ -94,7 +94,8 @@ def markdown(data: dict) -> str:
     lines += ["## Machine", ""]
     for key in ("date", "cpu", "logical_cpus", "cpus_usable", "torch_threads", "cpu_capability", "caches",
                 "memory_gb", "gpu", "gpu_memory_gb", "cuda", "torch", "textbrewer", "python", "platform",
-                "load_average_start", "load_average_end", "transparent_hugepages", "THP_MEM_ALLOC_ENABLE"):
+                "load_average_start", "load_average_end", "transparent_hugepages", "THP_MEM_ALLOC_ENABLE",
+                "distilkit_cpu_kernel"):
         if key in m:
             lines.append(f"- **{key}**: {m[key]}")
     lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in data["settings"].items()), ""]

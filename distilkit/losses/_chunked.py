@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _checks as check
+from . import _cpu_kernel
 from ._logits import _log_mixture
 from ._reduce import REDUCTIONS
 
@@ -188,6 +189,21 @@ def scaled_(out: Tensor, z: Tensor, temp) -> Tensor:
     return out.copy_(z).div_(temp)
 
 
+def kernel_rows(student: Tensor, teacher: Tensor, grad: Tensor, temp, keep, scale, kind: str, param,
+                t2_scale: bool) -> Tensor:
+    """All rows at once through the CPU kernel (float32): returns the per-row values (times T² with ``t2_scale``)
+    and writes ``scale · T²/T · ∂row/∂x_S`` into ``grad``. ``temp`` and ``scale``: float, 0-d or per row ``[N]``
+    (``scale`` may be None)."""
+    t = (temp if isinstance(temp, Tensor) else torch.tensor(float(temp))).to(torch.float32).reshape(-1)
+    gscale = t if t2_scale else t.reciprocal()
+    if scale is not None:
+        gscale = gscale * (scale.to(torch.float32).reshape(-1) if isinstance(scale, Tensor) else scale)
+    rscale = t * t if t2_scale else torch.ones(1)
+    p = param if isinstance(param, Tensor) else torch.tensor(0.0 if param is None else float(param))
+    return _cpu_kernel.rows_grad(student, teacher, grad, t.reciprocal(), gscale, rscale, keep, KINDS.index(kind),
+                                 p.to(torch.float32))
+
+
 class _ChunkedDivergence(torch.autograd.Function):
     """rows (or their sum / divisor) and the closed-form gradient, chunk by chunk (see the module docstring)."""
 
@@ -196,6 +212,12 @@ class _ChunkedDivergence(torch.autograd.Function):
                 chunk: int, per_row: bool):
         n, _ = student.shape
         dtype = compute_dtype(student)
+        if _cpu_kernel.usable(student, teacher):
+            grad = _cpu_kernel.gradient_buffer(student)
+            scale = None if divisor is None else divisor.reciprocal()
+            rows_out = kernel_rows(student, teacher, grad, temp, keep, scale, kind, param, t2_scale)
+            ctx.save_for_backward(grad)
+            return finish_rows(rows_out, per_row, divisor)
         grad = torch.empty_like(student, memory_format=torch.contiguous_format)
         rows_out = torch.empty(n, dtype=dtype, device=student.device)
         rows_c = min(chunk, n)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _checks as check
+from . import _cpu_kernel
 from ._chunked import (
     KINDS,
     SUM_COUNT,
@@ -31,6 +32,7 @@ from ._chunked import (
     compute_dtype,
     finish_rows,
     kd_ce_rows_and_grad,
+    kernel_rows,
     prepare_rows,
     rows_and_grad,
     scaled_,
@@ -91,6 +93,11 @@ class _Chunks:
         zs = _project(self.hs[i:j], self.ws, self.bs, xs if self.direct_s else None)
         zt = _project(self.ht[i:j], self.wt, self.bt, xt if self.direct_t else None)
         temp = self.temp
+        if not torch.compiler.is_compiling() and _cpu_kernel.usable(zs, zt):
+            scale_c = scale[i:j] if isinstance(scale, Tensor) and scale.ndim else scale
+            rows = kernel_rows(zs, zt, out, temp[i:j] if isinstance(temp, Tensor) and temp.ndim else temp,
+                               None if self.keep is None else self.keep[i:j], scale_c, self.kind, self.param, self.t2)
+            return rows, out
         t_c = temp[i:j].unsqueeze(-1) if isinstance(temp, Tensor) and temp.ndim else temp
         factor = t_c if self.t2 else 1.0 / t_c
         if isinstance(scale, Tensor) and scale.ndim:
