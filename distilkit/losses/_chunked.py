@@ -190,10 +190,10 @@ def scaled_(out: Tensor, z: Tensor, temp) -> Tensor:
 
 
 def kernel_rows(student: Tensor, teacher: Tensor, grad: Tensor, temp, keep, scale, kind: str, param,
-                t2_scale: bool) -> Tensor:
+                t2_scale: bool, paged_in: bool = False) -> Tensor:
     """All rows at once through the CPU kernel (float32): returns the per-row values (times T² with ``t2_scale``)
     and writes ``scale · T²/T · ∂row/∂x_S`` into ``grad``. ``temp`` and ``scale``: float, 0-d or per row ``[N]``
-    (``scale`` may be None)."""
+    (``scale`` may be None); ``paged_in``: ``grad``'s memory was written before."""
     t = (temp if isinstance(temp, Tensor) else torch.tensor(float(temp))).to(torch.float32).reshape(-1)
     gscale = t if t2_scale else t.reciprocal()
     if scale is not None:
@@ -201,7 +201,7 @@ def kernel_rows(student: Tensor, teacher: Tensor, grad: Tensor, temp, keep, scal
     rscale = t * t if t2_scale else torch.ones(1)
     p = param if isinstance(param, Tensor) else torch.tensor(0.0 if param is None else float(param))
     return _cpu_kernel.rows_grad(student, teacher, grad, t.reciprocal(), gscale, rscale, keep, KINDS.index(kind),
-                                 p.to(torch.float32))
+                                 p.to(torch.float32), paged_in)
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -213,9 +213,9 @@ class _ChunkedDivergence(torch.autograd.Function):
         n, _ = student.shape
         dtype = compute_dtype(student)
         if _cpu_kernel.usable(student, teacher):
-            grad = _cpu_kernel.gradient_buffer(student)
+            grad, reused = _cpu_kernel.gradient_buffer(student)
             scale = None if divisor is None else divisor.reciprocal()
-            rows_out = kernel_rows(student, teacher, grad, temp, keep, scale, kind, param, t2_scale)
+            rows_out = kernel_rows(student, teacher, grad, temp, keep, scale, kind, param, t2_scale, reused)
             ctx.save_for_backward(grad)
             return finish_rows(rows_out, per_row, divisor)
         grad = torch.empty_like(student, memory_format=torch.contiguous_format)

@@ -153,9 +153,9 @@ REUSE_BYTES = 1 << 22
 _buffer: dict[str, object] = {}
 
 
-def gradient_buffer(like: Tensor) -> Tensor:
+def gradient_buffer(like: Tensor) -> tuple[Tensor, bool]:
     """An uninitialised float32 tensor of ``like``'s shape for the kernel's gradient, reusing the last one's memory
-    when nothing else refers to it any more.
+    when nothing else refers to it any more; and whether it did (the memory is then already paged in).
 
     A fresh gradient of a large loss is fresh memory, and on the CPU the first write to each fresh page costs a
     page fault and the zeroing of the page: at 2048 × 32k that alone took longer than the whole kernel. So the
@@ -167,15 +167,15 @@ def gradient_buffer(like: Tensor) -> Tensor:
     shape = tuple(like.shape)
     if (torch.compiler.is_compiling() or like.numel() * 4 < REUSE_BYTES
             or os.environ.get("DISTILKIT_REUSE_GRAD", "1") == "0" or not hasattr(torch._C, "_storage_Use_Count")):
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=torch.float32), False
     with _lock:
         storage = _buffer.get("storage")
         if (storage is not None and _buffer.get("shape") == shape
                 and torch._C._storage_Use_Count(storage._cdata) == 1):  # type: ignore[attr-defined]
-            return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+            return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape), True
         grad = torch.empty(shape, dtype=torch.float32)
         _buffer["storage"], _buffer["shape"] = grad.untyped_storage(), shape
-        return grad
+        return grad, False
 
 
 def _ptr(x: Tensor | None) -> int | None:
@@ -184,12 +184,13 @@ def _ptr(x: Tensor | None) -> int | None:
 
 @torch.library.custom_op("distilkit::rows_grad", mutates_args=("grad",), device_types="cpu")
 def rows_grad(student: Tensor, teacher: Tensor, grad: Tensor, inv_temp: Tensor, gscale: Tensor, rscale: Tensor,
-              keep: Tensor | None, kind: int, param: Tensor) -> Tensor:
+              keep: Tensor | None, kind: int, param: Tensor, paged_in: bool) -> Tensor:
     """Per-row ``rscale · D(softmax(s·inv_temp) ‖ softmax(t·inv_temp))``; writes ``gscale · ∂D/∂x_S`` into ``grad``.
 
     ``student``, ``teacher``: ``[N, V]`` float32 with unit class stride; ``grad``: ``[N, V]`` float32, same;
     ``inv_temp``, ``gscale``, ``rscale``: float32 ``[1]`` or ``[N]``; ``keep``: bool ``[N]`` or None; ``kind``: index
-    into :data:`KINDS`; ``param``: jsd's β or skew_kl's α (0-d, read on the host).
+    into :data:`KINDS`; ``param``: jsd's β or skew_kl's α (0-d, read on the host); ``paged_in``: ``grad``'s memory
+    has been written before (the kernel then streams the gradient out; for fresh memory it asks for huge pages).
     """
     lib = library()
     if lib is None:
@@ -204,12 +205,12 @@ def rows_grad(student: Tensor, teacher: Tensor, grad: Tensor, inv_temp: Tensor, 
     code = lib.dk_rows_grad(student.data_ptr(), teacher.data_ptr(), grad.data_ptr(), rows.data_ptr(),
                             *[arg for x in vectors for arg in (x.data_ptr(), int(x.numel() > 1))],
                             _ptr(keep_c), n, v, student.stride(0), teacher.stride(0), grad.stride(0), kind, value,
-                            torch.get_num_threads(), int(grad.numel() * 4 >= 1 << 22))
+                            torch.get_num_threads(), 2 if paged_in else int(grad.numel() * 4 >= 1 << 22))
     if code != 0:
         raise MemoryError("distilkit::rows_grad: could not allocate the per-thread row buffers")
     return rows
 
 
 @rows_grad.register_fake
-def _(student, teacher, grad, inv_temp, gscale, rscale, keep, kind, param):
+def _(student, teacher, grad, inv_temp, gscale, rscale, keep, kind, param, paged_in):
     return student.new_empty(student.shape[0])

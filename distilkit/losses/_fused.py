@@ -96,7 +96,8 @@ class _Chunks:
         if not torch.compiler.is_compiling() and _cpu_kernel.usable(zs, zt):
             scale_c = scale[i:j] if isinstance(scale, Tensor) and scale.ndim else scale
             rows = kernel_rows(zs, zt, out, temp[i:j] if isinstance(temp, Tensor) and temp.ndim else temp,
-                               None if self.keep is None else self.keep[i:j], scale_c, self.kind, self.param, self.t2)
+                               None if self.keep is None else self.keep[i:j], scale_c, self.kind, self.param, self.t2,
+                               i > 0)  # ``out`` is reused from chunk to chunk
             return rows, out
         t_c = temp[i:j].unsqueeze(-1) if isinstance(temp, Tensor) and temp.ndim else temp
         factor = t_c if self.t2 else 1.0 / t_c
