@@ -10,6 +10,51 @@ from torch import nn
 ACTIVATIONS = {"linear": None, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
+class _Affine(torch.autograd.Function):
+    r"""``y = x Wᵀ + b`` over the last dimension, with the backward ``dx = dy W``, ``dW = dyᵀ x`` and ``db = 1ᵀ dy``
+    (leading dimensions flattened into rows).
+
+    The bias gradient (the column sums of ``dy``) is a matrix-vector product, which reads ``dy`` row by row where a
+    compiled column reduction on the CPU strides through it.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return x @ weight.mT + bias
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_weight = rows.mT @ x.reshape(-1, x.shape[-1])
+        grad_bias = (rows.new_ones(1, rows.shape[0]) @ rows).reshape(-1)
+        return grad @ weight, grad_weight, grad_bias
+
+
+class Linear(nn.Linear):
+    r"""``nn.Linear`` (same parameters, ``state_dict`` and result ``y = x Wᵀ + b``) that, compiled on the CPU,
+    runs the product ``x Wᵀ`` and the bias add as separate steps (see :class:`_Affine`).
+
+    ``addmm`` on the CPU first copies the broadcast bias into its output; compiled, the separate ``+ b`` is fused
+    into whatever reads ``y`` (a loss, an activation) instead. Eagerly, on other devices and under autocast (whose
+    casts ``F.linear`` defines) it is ``F.linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.compiler.is_compiling() and self.bias is not None and x.device.type == "cpu"
+                and x.dtype == self.weight.dtype
+                and not torch.is_autocast_enabled("cpu")):
+            return _Affine.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 @dataclass(frozen=True)
 class Projection:
     """``activation(x W + b)`` from ``in_features`` (student) to ``out_features`` (teacher), as TextBrewer's
@@ -28,7 +73,7 @@ class Projection:
                 raise ValueError(f"proj.{self.kind}: expected {name} to be a positive int, got {value!r}.")
 
     def module(self) -> nn.Module:
-        linear = nn.Linear(self.in_features, self.out_features)
+        linear = Linear(self.in_features, self.out_features)
         with torch.no_grad():
             linear.weight.normal_(0.0, 0.02)
             linear.bias.zero_()

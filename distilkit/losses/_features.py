@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -27,7 +28,13 @@ def hidden_mse(student: Tensor, teacher: Tensor, *, mask=None) -> Parts:
     ``reduction="none"`` is per element ``[..., D]``.
     """
     s, t, keep = _features("hidden_mse", student, teacher, mask)
-    return Parts((s - t).square(), None if keep is None else keep.unsqueeze(-1))
+    if keep is None:
+        return Parts((s - t).square(), None)
+    # The difference is selected before the square: under torch.compile its backward then keeps the one masked
+    # difference (computed and stored in the same pass as the sum) instead of reading s and t again.
+    rows = keep.unsqueeze(-1)
+    diff = torch.where(rows, s - t, 0)
+    return Parts(diff * diff, rows)
 
 
 @masked_loss

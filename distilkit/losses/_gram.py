@@ -1,7 +1,9 @@
 """Second-order losses that compare Gram matrices of hidden states ``[B, L, D]``: fsp, mmd, nst.
 
-Pair losses take a pair ``(X0, X1)`` of hidden states per model or a single tensor, used as both members. Masked
-positions are zeroed before any product, so nothing at them reaches the result or the gradients.
+Pair losses take a pair ``(X0, X1)`` of hidden states per model or a single tensor, used as both members. Nothing at
+masked positions reaches the result or the gradients: the student's masked positions are zeroed before any product;
+the teacher's too where they would enter a kept entry (``fsp``), while ``mmd``, whose kept entries ``(i, j)`` only read
+kept rows, selects the masked pairs of the difference out instead (the teacher has no gradient to protect).
 """
 
 from __future__ import annotations
@@ -30,8 +32,39 @@ def _each(pair: tuple, f) -> tuple:
     return (first, first) if pair[1] is pair[0] else (first, f(pair[1], 1))
 
 
-def _hidden_pairs(api: str, student, teacher, mask):
-    """Checked, upcast student and teacher pairs (teacher detached), masked positions zeroed; and the mask."""
+class _SelfGram(torch.autograd.Function):
+    r"""``G = X Xᵀ`` over the last two dimensions, with the one-product backward ``dX = (dG + dGᵀ) X``.
+
+    Autograd would differentiate ``X @ X.mT`` as a product of two inputs, ``dX = dG X + dGᵀ X``: two batched
+    products where the sum of ``dG`` and its transpose (elementwise, and fused by ``torch.compile``) needs one.
+    The backward is itself made of differentiable operations, so higher derivatives work.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.bmm(x, x.mT) if x.ndim == 3 else x @ x.mT
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        sym = grad + grad.mT
+        return torch.bmm(sym, x) if x.ndim == 3 else sym @ x
+
+
+def _gram(a: Tensor, b: Tensor) -> Tensor:
+    """``a bᵀ``; when ``a`` is ``b`` (one tensor as both members), through :class:`_SelfGram`."""
+    return _SelfGram.apply(a) if a is b else a @ b.mT
+
+
+def _hidden_pairs(api: str, student, teacher, mask, *, mask_teacher: bool = True):
+    """Checked, upcast student and teacher pairs (teacher detached), masked positions zeroed (the teacher's only
+    with ``mask_teacher``); and the mask."""
     s, t = _pair(api, "student", student), _pair(api, "teacher", teacher)
     t = _each(t, lambda x, _: x.detach())
     members = {"student[0]": s[0], "student[1]": s[1], "teacher[0]": t[0], "teacher[1]": t[1]}
@@ -42,7 +75,9 @@ def _hidden_pairs(api: str, student, teacher, mask):
     keep = check.mask(api, mask, tuple(s[0].shape[:2]), s[0])
     if keep is not None:
         rows = keep.unsqueeze(-1)
-        s, t = (_each(pair, lambda x, _: torch.where(rows, x, 0)) for pair in (s, t))
+        s = _each(s, lambda x, _: torch.where(rows, x, 0))
+        if mask_teacher:
+            t = _each(t, lambda x, _: torch.where(rows, x, 0))
     return s, t, keep
 
 
@@ -81,16 +116,19 @@ def mmd(student, teacher, *, mask=None) -> Parts:
     the padded length instead of ``D``; distilkit divides by ``D`` in both cases, as its current source does.
     """
     api = "mmd"
-    (s0, s1), (t0, t1), keep = _hidden_pairs(api, student, teacher, mask)
+    (s0, s1), (t0, t1), keep = _hidden_pairs(api, student, teacher, mask, mask_teacher=False)
     for name, (a, b) in (("student", (s0, s1)), ("teacher", (t0, t1))):
         if a.shape[-1] != b.shape[-1]:
             raise ValueError(
                 f"{api}: expected {name}[0] and {name}[1] of the same width, got {a.shape[-1]} and {b.shape[-1]}."
             )
-    gs = s0 @ s1.transpose(1, 2) / s1.shape[-1]
-    gt = t0 @ t1.transpose(1, 2) / t1.shape[-1]
-    pairs = None if keep is None else keep[:, :, None] & keep[:, None, :]
-    return Parts((gs - gt).square(), pairs)
+    # Kept (i, j) read kept rows only, so the teacher needs no zeroing: its masked pairs (NaN there included) are
+    # selected out of the difference, before the square, so that its gradient is 0 there too.
+    diff = _gram(s0, s1) / s1.shape[-1] - _gram(t0, t1) / t1.shape[-1]
+    if keep is None:
+        return Parts(diff.square(), None)
+    pairs = keep[:, :, None] & keep[:, None, :]
+    return Parts(torch.where(pairs, diff, 0).square(), pairs)
 
 
 @masked_loss
