@@ -146,7 +146,9 @@ def _profiled_peak(fn: Callable[[], Any]) -> float | None:
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """Megabytes allocated at the peak of ``fn()`` above what was allocated just before (None if unknown)."""
+    """Megabytes allocated at the peak of ``fn()`` above what was allocated just before (None if unknown). The CPU
+    kernel's kept gradient memory is dropped first, so that it counts as the fresh gradient it stands for."""
+    _cpu_kernel.release_buffer()
     gc.collect()
     if device.type == "cuda":
         synchronize(device)

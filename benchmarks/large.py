@@ -86,7 +86,6 @@ def run_kd_target(device: torch.device, floors: Floors, *, tokens: int = 2048, v
                   bytes_moved=3 * elements * 4, gbps=3 * elements * 4 / sec / 1e9, floor_ms=floor["floor_ms"],
                   floor_ratio=sec * 1e3 / floor["floor_ms"])
         row.extra["ratio_to_sum_floor"] = round(sec * 1e3 / floor["sum_ms"], 3)
-        _cpu_kernel.release_buffer()  # the kernel's kept gradient memory counts in its peak, as a new one would
         row.peak_mb = peak_memory(fns[name], device)
         rows.append(row)
         log(f"  kd_target {name:32s} {row.time_ms:9.2f} ms  x{row.floor_ratio:5.2f} floor")
