@@ -109,6 +109,28 @@ def test_jsd_endpoints_and_tensor_beta(beta):
 
 
 @needs_kernel
+def test_skew_kl_endpoints_with_underflowing_probabilities():
+    """α = 0 is forward KL even where p_S underflows to 0 in float32 (logits 40 apart at T = 1)."""
+    s, t, _ = _inputs(13, 6, 33, scale=40.0)
+    for alpha in (0.0, 1.0):
+        value = CHUNKED["skew_kl"](s, t, alpha=alpha)
+        s64 = s.detach().double().requires_grad_()
+        ref = REFERENCES["skew_kl"](s64, t.double(), alpha=alpha)
+        ref = ref[0] / ref[1]
+        torch.testing.assert_close(value.double(), ref, rtol=1e-5, atol=1e-5)
+        g, g_ref = _grad(value, s).double(), _grad(ref, s64)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7 + 1e-5 * float(g_ref.abs().max()))
+
+
+@needs_kernel
+def test_empty_batch_is_zero():
+    s = torch.zeros(0, 7, requires_grad=True)
+    for kind in KINDS:
+        value = CHUNKED[kind](s, torch.zeros(0, 7), **EXTRA.get(kind, {}))
+        assert value.item() == 0.0 and _grad(value, s).shape == (0, 7)
+
+
+@needs_kernel
 def test_masked_rows_are_never_read_and_a_fully_masked_batch_is_zero():
     s, t, _ = _inputs(6, 8, 50)
     mask = torch.ones(8, dtype=torch.bool)

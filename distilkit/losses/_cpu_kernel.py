@@ -200,6 +200,8 @@ def rows_grad(student: Tensor, teacher: Tensor, grad: Tensor, inv_temp: Tensor, 
     value = float(param)
     if KINDS[kind] == "jsd" and value in (0.0, 1.0):  # jsd's defined endpoints
         kind = KINDS.index("kd_kl" if value == 0.0 else "reverse_kl")
+    elif KINDS[kind] == "skew_kl" and value == 0.0:  # KL(p_T ‖ p_S): the mixture would need log p_S = log 0 there
+        kind = KINDS.index("kd_kl")
     vectors = [x.contiguous() for x in (inv_temp, gscale, rscale)]
     keep_c = None if keep is None else keep.contiguous().view(torch.uint8)
     code = lib.dk_rows_grad(student.data_ptr(), teacher.data_ptr(), grad.data_ptr(), rows.data_ptr(),
