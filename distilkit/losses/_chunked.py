@@ -16,6 +16,9 @@ CPU, outside ``torch.compile``, skips even that when the incoming gradient is ex
 ``loss.backward()``). This is what Liger-Kernel's chunked losses do with ``torch.func.grad_and_value``
 (``src/liger_kernel/chunked_loss/fused_linear_distillation.py``); the closed forms avoid a second softmax pass.
 
+On the CPU, float32 logits skip the chunk loop: :mod:`distilkit.losses._cpu_kernel` computes every row in one C sweep
+(the same formulas; its temporaries are one row per thread, so ``chunk_size`` does not apply there).
+
 Costs per element: two to three ``exp`` (the floor is two), the logits read once, the gradient written once. The
 functions compile with ``torch.compile(fullgraph=True)`` (the chunk loop unrolls; by default at most
 ``_MAX_CHUNKS_COMPILED`` chunks when compiling) and never synchronise with the host. Double backward is not
