@@ -35,7 +35,7 @@ from . import _cpu_kernel
 from ._logits import _log_mixture
 from ._reduce import REDUCTIONS
 
-KINDS = ("kd_ce", "kd_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+KINDS = _cpu_kernel.KINDS  # the kernel numbers the kinds in this order
 
 #: default bytes of one ``[rows, V]`` float32 temporary: L2-sized on the CPU, large on accelerators.
 CPU_CHUNK_BYTES = 1 << 20
@@ -198,12 +198,13 @@ def kernel_rows(student: Tensor, teacher: Tensor, grad: Tensor, temp, keep, scal
     and writes ``scale · T²/T · ∂row/∂x_S`` into ``grad``. ``temp`` and ``scale``: float, 0-d or per row ``[N]``
     (``scale`` may be None); ``paged_in``: ``grad``'s memory was written before."""
     t = (temp if isinstance(temp, Tensor) else torch.tensor(float(temp))).to(torch.float32).reshape(-1)
-    gscale = t if t2_scale else t.reciprocal()
+    inv = t.reciprocal()
+    gscale = t if t2_scale else inv
     if scale is not None:
         gscale = gscale * (scale.to(torch.float32).reshape(-1) if isinstance(scale, Tensor) else scale)
     rscale = t * t if t2_scale else torch.ones(1)
     p = param if isinstance(param, Tensor) else torch.tensor(0.0 if param is None else float(param))
-    return _cpu_kernel.rows_grad(student, teacher, grad, t.reciprocal(), gscale, rscale, keep, KINDS.index(kind),
+    return _cpu_kernel.rows_grad(student, teacher, grad, inv, gscale, rscale, keep, KINDS.index(kind),
                                  p.to(torch.float32), paged_in)
 
 

@@ -32,7 +32,8 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("_rows_kernel.c")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math",
          "-fassociative-math", "-fno-signed-zeros", "-freciprocal-math", "-fPIC", "-shared", "-pthread")
-KINDS = ("kd_ce", "kd_kl", "reverse_kl", "jsd", "skew_kl", "tvd")  # the kernel's kind numbers
+#: the divergences, numbered as the kernel's ``enum`` numbers them (the chunked losses share this tuple).
+KINDS = ("kd_ce", "kd_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -178,10 +179,6 @@ def gradient_buffer(like: Tensor) -> tuple[Tensor, bool]:
         return grad, False
 
 
-def _ptr(x: Tensor | None) -> int | None:
-    return None if x is None else x.data_ptr()
-
-
 @torch.library.custom_op("distilkit::rows_grad", mutates_args=("grad",), device_types="cpu")
 def rows_grad(student: Tensor, teacher: Tensor, grad: Tensor, inv_temp: Tensor, gscale: Tensor, rscale: Tensor,
               keep: Tensor | None, kind: int, param: Tensor, paged_in: bool) -> Tensor:
@@ -203,10 +200,11 @@ def rows_grad(student: Tensor, teacher: Tensor, grad: Tensor, inv_temp: Tensor, 
     elif KINDS[kind] == "skew_kl" and value == 0.0:  # KL(p_T ‖ p_S): the mixture would need log p_S = log 0 there
         kind = KINDS.index("kd_kl")
     vectors = [x.contiguous() for x in (inv_temp, gscale, rscale)]
-    keep_c = None if keep is None else keep.contiguous().view(torch.uint8)
+    keep_c = None if keep is None else keep.contiguous().view(torch.uint8)  # alive until the call returns
+    keep_ptr = None if keep_c is None else keep_c.data_ptr()
     code = lib.dk_rows_grad(student.data_ptr(), teacher.data_ptr(), grad.data_ptr(), rows.data_ptr(),
                             *[arg for x in vectors for arg in (x.data_ptr(), int(x.numel() > 1))],
-                            _ptr(keep_c), n, v, student.stride(0), teacher.stride(0), grad.stride(0), kind, value,
+                            keep_ptr, n, v, student.stride(0), teacher.stride(0), grad.stride(0), kind, value,
                             torch.get_num_threads(), 2 if paged_in else int(grad.numel() * 4 >= 1 << 22))
     if code != 0:
         raise MemoryError("distilkit::rows_grad: could not allocate the per-thread row buffers")
