@@ -5,7 +5,8 @@
 * Algebra — ``term + term``, ``0.5 * term``, ``schedule * term``, ``.named()``, ``dk.layers``, ``dk.proj``,
   ``dk.init_params``; ``dk.ensemble``, ``dk.tasks``, ``dk.task_sampler``.
 * Schedules and temperatures — :mod:`distilkit.schedules`, :mod:`distilkit.temperature`.
-* Step — ``dk.make_step(spec)``; global normalisation in :mod:`distilkit.distributed`; logging in
+* Pure core and step — ``dk.loss_fn(spec)`` (a pure ``(loss, metrics)`` function), ``dk.make_step(spec)``
+  (validated and compiled); global normalisation in :mod:`distilkit.distributed`; logging in
   :mod:`distilkit.tensorboard`.
 * Integrations — ``dk.adapters.hf(model_output)`` maps Hugging Face outputs to ``{"logits", "hidden",
   "attention"}``; ``dk.cache`` stores teacher outputs (dense or top-k) in memory-mapped shards.
@@ -45,6 +46,7 @@ from .algebra import kd_ce as kd_ce
 from .algebra import kd_kl as kd_kl
 from .algebra import kd_mse as kd_mse
 from .algebra import layers as layers
+from .algebra import loss_fn as loss_fn
 from .algebra import mmd as mmd
 from .algebra import nst as nst
 from .algebra import pkd as pkd
@@ -68,6 +70,7 @@ from .config import SpecConfig as SpecConfig
 from .config import TasksConfig as TasksConfig
 from .config import from_config as from_config
 from .config import from_textbrewer as from_textbrewer
+from .config import to_config as to_config
 from .losses import probability_shift as probability_shift
 from .step import NonFiniteError as NonFiniteError
 from .step import Step as Step

@@ -283,7 +283,7 @@ def _run(out, *, seeds: int, quick: bool, recipe: Recipe | None, progress: bool)
         "test_examples": len(y_te),
         "labelled_examples": labelled_counts[0] if labelled_counts else 0,
         "recipe": dataclasses.asdict(r),
-        "kd_spec": json.loads(kd_spec(r).to_config().model_dump_json()),
+        "kd_spec": json.loads(dk.to_config(kd_spec(r)).model_dump_json()),
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "wall_time_s": round(time.perf_counter() - start, 2),

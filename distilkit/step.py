@@ -1,4 +1,4 @@
-"""``make_step``: apply a spec to one batch — eager validation, then one compiled core, no hidden state.
+"""``make_step``: the pure :func:`~distilkit.loss_fn` with eager validation and a compiled core, no hidden state.
 
 ```python
 step = dk.make_step(spec, compile=True)       # True, False, or a torch.compile backend (name or callable)
@@ -6,14 +6,25 @@ out = step(student_out, teacher_out, batch, step=i, params=params)
 out.loss.backward()                            # the loop, optimizer, AMP and DDP stay yours
 ```
 
-The wrapper resolves every selector and key eagerly (errors name the term), validates each new input signature
-(shapes, dtypes, devices) once by running the spec eagerly under ``no_grad``, then calls the core compiled with
-``fullgraph=True``. ``step`` enters as a tensor, so schedules never recompile; nothing inside syncs with the host.
+A call resolves every selector and key eagerly (errors name the term), validates each new input *signature* — the
+spec's structure and each input's rank, dtype and device, not its exact shape — once by evaluating the spec eagerly
+under ``no_grad``, then runs ``evaluate`` compiled with ``fullgraph=True``. Compiled code is shared by structure:
+
+* the spec enters the compiled function as an argument whose float hyperparameters (temperatures, β, α, weights) are
+  0-d tensors, and ``step`` enters as a tensor, so specs that differ only in option values, and schedules at any
+  step, run one graph;
+* each distinct structure gets a compiled function of its own (its own code object), so any number of specs in one
+  process never meet dynamo's per-function recompile limit;
+* shapes are dynamic after the first change (``torch.compile``'s default), so a sequence length that changes every
+  batch costs one extra compilation, not one per length.
+
+Inside a ``torch.func`` transform or an enclosing ``torch.compile`` the step runs the pure function directly (it is
+then traced by the outer transform). Nothing inside syncs with the host.
 """
 
 from __future__ import annotations
 
-import functools
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .algebra._evaluate import TermInputs, evaluate, gather
+from .algebra._evaluate import evaluate, loss_fn, prepare
 from .algebra._multi import Tasks
 from .algebra._term import Spec, as_spec
 
@@ -53,7 +64,7 @@ def make_step(spec, *, compile: bool | str | Callable = True, check_finite: bool
 
 
 class Step:
-    """See :func:`make_step`."""
+    """See :func:`make_step`. Calling it returns a :class:`StepOutput`; ``step.loss_fn`` is the pure function."""
 
     def __init__(self, spec: Spec | Tasks, compile: bool | str | Callable, check_finite: bool):
         if not (isinstance(compile, (bool, str)) or callable(compile)):
@@ -61,114 +72,102 @@ class Step:
         self.spec = spec
         self.compile = compile
         self.check_finite = bool(check_finite)
-        self._cores: dict[int, Callable] = {}
-        self._validated: set = set()
-
-    def _core(self, spec: Spec) -> Callable:
-        core = self._cores.get(id(spec))
-        if core is None:
-            core = functools.partial(evaluate, spec)
-            if self.compile is not False:
-                backend = "inductor" if self.compile is True else self.compile
-                core = torch.compile(core, fullgraph=True, backend=backend)
-            self._cores[id(spec)] = core
-        return core
+        self.loss_fn = loss_fn(spec)
+        self._validated: set = set()  # signatures: structure, ranks, dtypes, devices (bounded, never exact shapes)
+        self._prepared: dict = {}  # (spec id, device, dtype) -> (spec with tensor leaves, compiled core)
 
     def __call__(self, student_out: Mapping, teacher_out: Mapping, batch: Mapping | None = None, *,
-                 step: int | Tensor = 0, params: nn.Module | None = None,
+                 step: int | Tensor = 0, params: nn.Module | Mapping[str, Tensor] | None = None,
                  counts: Mapping[str, Any] | None = None) -> StepOutput:
-        """Apply the spec.
-
-        Args:
-            student_out, teacher_out: output mappings (``{"logits": ..., "hidden": [...], ...}``).
-            batch: extra inputs looked up by ``mask=`` / ``labels=`` keys (and the task key of ``dk.tasks``).
-            step: the optimizer step (int or 0-d tensor) at which schedules are evaluated.
-            params: ``dk.init_params(spec)`` when the spec has projections.
-            counts: global normalisation — ``{mask key: kept positions of the whole optimizer step per rank}``, e.g.
-                from ``dk.distributed.global_counts``; terms masked by such a key are divided by it instead of by
-                their local count, so gradient accumulation and DDP give the full batch's gradient.
-        """
-        batch = {} if batch is None else batch
-        spec = self.spec.spec_for(batch) if isinstance(self.spec, Tasks) else self.spec
-        inputs = gather(spec, student_out, teacher_out, batch)
-        device = _device(inputs)
-        _check_params(spec, params)
-        step_t = _step_tensor(step, device)
-        counts_t = _counts(counts, device)
-        if self.compile is False:
+        """Apply the spec; the arguments are those of :func:`~distilkit.loss_fn`."""
+        spec, inputs, step_t, counts_t = prepare(self.spec, student_out, teacher_out, batch, step, params, counts,
+                                                 "make_step")
+        if self.compile is False or _traced():
             loss, metrics = evaluate(spec, inputs, step_t, params, counts_t, name_errors=True)
         else:
-            signature = _signature(spec, inputs, params, counts_t)
-            if signature not in self._validated:
-                with torch.no_grad():
-                    evaluate(spec, inputs, step_t, params, counts_t, name_errors=True)
-                self._validated.add(signature)
-            loss, metrics = self._core(spec)(inputs, step_t, params, counts_t)
+            loss, metrics = self._compiled(spec, inputs, step_t, params, counts_t)
         if self.check_finite:
             _check_finite(spec, metrics)
         return StepOutput(loss, metrics)
 
+    def _compiled(self, spec: Spec, inputs, step_t: Tensor, params, counts_t):
+        signature = _signature(spec, inputs, params, counts_t)
+        if signature not in self._validated:
+            _validate(spec, inputs, step_t, params, counts_t)
+            self._validated.add(signature)
+        lifted, core = self._core(spec, inputs, step_t.device)
+        try:
+            return core(lifted, inputs, step_t, params, counts_t)
+        except Exception:
+            # A shape the validation did not see (it is keyed on ranks): the eager evaluation names the problem.
+            _validate(spec, inputs, step_t, params, counts_t)
+            raise
 
-def _device(inputs: Mapping[str, TermInputs]) -> torch.device:
-    for leaf in pytree.tree_leaves(dict(inputs)):
-        if isinstance(leaf, Tensor):
-            return leaf.device
-    return torch.device("cpu")
-
-
-def _step_tensor(step, device: torch.device) -> Tensor:
-    if isinstance(step, Tensor):
-        if step.ndim != 0:
-            raise ValueError(f"make_step: expected step to be an int or a 0-d tensor, got shape {tuple(step.shape)}.")
-        return step.to(device)
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise TypeError(f"make_step: expected step to be an int or a 0-d tensor, got {type(step).__name__}.")
-    return torch.tensor(step, device=device)
-
-
-def _counts(counts, device):
-    if counts is None:
-        return None
-    if not isinstance(counts, Mapping):
-        raise TypeError(f"make_step: expected counts to be a mapping {{mask key: count}}, got {type(counts).__name__}.")
-    out = {}
-    for key, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
-            raise TypeError(f"make_step: expected counts[{key!r}] to be a number or 0-d tensor, got {value!r}.")
-        value = torch.as_tensor(value, dtype=torch.float32).to(device)
-        if value.ndim != 0:
-            raise ValueError(f"make_step: expected counts[{key!r}] to be 0-d, got shape {tuple(value.shape)}.")
-        out[key] = value
-    return out
+    def _core(self, spec: Spec, inputs, device: torch.device):
+        dtype = torch.float64 if any(isinstance(x, Tensor) and x.dtype == torch.float64
+                                     for x in pytree.tree_leaves(dict(inputs))) else torch.float32
+        key = (id(spec), device, dtype)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            lifted = pytree.tree_map(lambda x: _lift(x, device, dtype), spec)
+            backend = "inductor" if self.compile is True else self.compile
+            prepared = self._prepared[key] = (lifted, _compiled_core(pytree.tree_structure(lifted), backend))
+        return prepared
 
 
-def _check_params(spec: Spec, params) -> None:
-    projected = [t.name for t in spec.terms if t.proj is not None]
-    if not projected:
-        return
-    if not isinstance(params, nn.Module):
-        raise TypeError(f"make_step: terms {projected} have projections; pass params=dk.init_params(spec) "
-                        f"(and put its parameters in your optimizer), got params={type(params).__name__}.")
-    missing = [n for n in projected if n not in getattr(params, "_modules", {})]
-    if missing:
-        raise KeyError(f"make_step: params has no projection for terms {missing}; was it made by dk.init_params "
-                       "from this spec?")
+def _traced() -> bool:
+    """Inside a torch.func transform or an enclosing torch.compile: run the pure function, traced by the caller."""
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _lift(leaf, device: torch.device, dtype: torch.dtype):
+    """A hyperparameter as a graph input: floats become 0-d tensors, tensors move to the inputs' device."""
+    if isinstance(leaf, float):
+        return torch.tensor(leaf, dtype=dtype, device=device)
+    if isinstance(leaf, Tensor) and leaf.device != device:
+        return leaf.to(device)
+    return leaf
+
+
+_CORES: dict[tuple, Callable] = {}
+
+
+def _compiled_core(structure: pytree.TreeSpec, backend) -> Callable:
+    """The compiled ``evaluate`` for one spec structure, shared by every step whose spec has that structure.
+
+    It is a fresh code object under a name of its own: dynamo keeps its cache and recompile count per code object,
+    and its record of which inputs changed between calls (automatic dynamic shapes and floats) per code name, so no
+    structure's history spills into another's."""
+    key = (structure, backend)
+    core = _CORES.get(key)
+    if core is None:
+        name = f"distilkit_step_{len(_CORES)}"
+        code = evaluate.__code__.replace(co_name=name, co_qualname=name)
+        fn = types.FunctionType(code, evaluate.__globals__, name, evaluate.__defaults__)
+        core = _CORES[key] = torch.compile(fn, fullgraph=True, backend=backend)
+    return core
+
+
+def _validate(spec: Spec, inputs, step: Tensor, params, counts) -> None:
+    with torch.no_grad():
+        evaluate(spec, inputs, step, params, counts, name_errors=True)
 
 
 def _signature(spec: Spec, inputs, params, counts) -> tuple:
-    """What validation depends on: the structure and every tensor's shape, dtype and device."""
+    """What validation depends on: the structure and every tensor's rank, dtype and device (not its exact shape)."""
     leaves, treedef = pytree.tree_flatten((dict(inputs), counts))
-    described = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, Tensor) else (type(x), x)
-                      for x in leaves)
-    param_devices = None if params is None else tuple((p.shape, p.dtype, p.device) for p in params.parameters())
-    return id(spec), str(treedef), described, param_devices
+    described = tuple((x.ndim, x.dtype, x.device) if isinstance(x, Tensor) else (type(x), x) for x in leaves)
+    if isinstance(params, nn.Module):
+        params = dict(params.named_parameters())
+    param_sig = None if params is None else tuple((k, v.ndim, v.dtype, v.device) for k, v in params.items())
+    return id(spec), str(treedef), described, param_sig
 
 
 def _check_finite(spec: Spec, metrics: Mapping[str, Tensor]) -> None:
     names = [t.name for t in spec.terms]
-    values = torch.stack([metrics[f"{n}/loss"].float() for n in names]) if names else None
-    if values is None:
+    if not names:
         return
+    values = torch.stack([metrics[f"{n}/loss"].float() for n in names])
     finite = torch.isfinite(values).tolist()  # one host transfer
     for name, ok in zip(names, finite, strict=True):
         if not ok:

@@ -99,7 +99,13 @@ def _to_host(tensors: list[Tensor]) -> list[float]:
 
 def _config_text(config: object) -> tuple[str, Any]:
     """The config as JSON text and as the parsed JSON value."""
-    if hasattr(config, "to_config") and callable(config.to_config):  # a spec
+    from .algebra import Spec, Tasks, Term
+
+    if isinstance(config, (Term, Spec, Tasks)):
+        from .config import to_config
+
+        config = to_config(config)
+    elif hasattr(config, "to_config") and callable(config.to_config):  # duck-typed: anything giving a model
         config = config.to_config()
         if not hasattr(config, "model_dump_json"):
             raise TypeError(f"{_API}: expected .to_config() to return a pydantic model, got {_short(config)}.")
@@ -122,7 +128,7 @@ def _config_text(config: object) -> tuple[str, Any]:
             ) from None
         return text, json.loads(text)
     raise TypeError(
-        f"{_API}: expected a config (a spec with .to_config(), a pydantic model, a dict or a JSON string), "
+        f"{_API}: expected a config (a spec, a pydantic model, a dict or a JSON string), "
         f"got {_short(config)}."
     )
 
@@ -213,7 +219,8 @@ class Writer:
     def log_config(self, config: object, *, tag: str = "config", hparams: bool = True) -> None:
         """Write ``config`` as JSON text under ``tag`` (step 0) and, with ``hparams``, as the run's hyperparameters.
 
-        ``config`` is a spec (anything with ``.to_config()`` returning a pydantic model), a pydantic model (written
+        ``config`` is a spec (written as ``dk.to_config(spec)``; or anything with ``.to_config()`` returning a
+        pydantic model), a pydantic model (written
         with ``model_dump_json(indent=2)``), a JSON-serialisable dict (``json.dumps(indent=2)``) or a JSON string
         (written unchanged). The text is a fenced ```` ```json ```` Markdown block, so the TEXT tab shows it
         formatted. The hyperparameters are the JSON's scalar leaves keyed by their path (``"terms.0.weight"``,

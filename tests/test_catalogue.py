@@ -97,13 +97,13 @@ STEP_CASES = [
 
 def _bad_json_version(tmp_path):
     path = tmp_path / "spec.json"
-    config = json.loads(KD.to_config().model_dump_json())
+    config = json.loads(dk.to_config(KD).model_dump_json())
     path.write_text(json.dumps({**config, "version": 7}))
     return dk.from_config(path)
 
 
 def _unknown_in_file(tmp_path):
-    config = json.loads(KD.to_config().model_dump_json())
+    config = json.loads(dk.to_config(KD).model_dump_json())
     config["terms"][0]["loss"] = "kd_klx"
     return dk.from_config(json.dumps(config))
 
@@ -145,7 +145,7 @@ OTHER_CASES = [
     ("malformed-json", lambda: dk.from_config('{"kind": "spec", "version": 1, "terms": [}'), dk.ConfigError,
      r"line 1"),
     ("unknown-loss-in-file", lambda: _unknown_in_file(None), dk.ConfigError, r"terms\.0.*unknown loss 'kd_klx'"),
-    ("extra-field", lambda: dk.from_config({**json.loads(KD.to_config().model_dump_json()), "color": 1}),
+    ("extra-field", lambda: dk.from_config({**json.loads(dk.to_config(KD).model_dump_json()), "color": 1}),
      dk.ConfigError, r"color"),
     ("unknown-schedule-kind", lambda: dk.from_config({"kind": "spec", "version": 1, "terms": [
         {"loss": "kd_kl", "student": "logits", "weight": [{"kind": "sawtooth"}]}]}), dk.ConfigError,

@@ -469,7 +469,7 @@ def test_t4_tiny_through_spec_config(tmp_path):
             "intermediate_matches": [_match(loss, _feature(loss), "relu" if _feature(loss) == "hidden" else None)
                                      for loss in ALL_LOSSES]}
     for spec in (from_textbrewer(T4_TINY), from_textbrewer(rich, total_steps=100)):
-        rebuilt = config_module.from_config(spec.to_config().model_dump_json())
+        rebuilt = config_module.from_config(dk.to_config(spec).model_dump_json())
         assert rebuilt == spec
         dk.init_params(rebuilt).load_state_dict(dk.init_params(spec).state_dict())
 

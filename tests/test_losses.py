@@ -229,3 +229,68 @@ def test_teacher_never_receives_gradient(case: Case):
     value.backward()
     assert all(x.grad is not None for x in floating_leaves(student))
     assert all(x.grad is None for x in floating_leaves(teacher))
+
+
+# ---------------------------------------------------------------------------------------------- torch.func column
+def _call_with(case: Case, student, teacher, mask):
+    return case.call(student, teacher, mask)
+
+
+@by_id
+def test_torch_func_grad_equals_autograd(case: Case):
+    gen = generator(8)
+    student, teacher = case.make(gen)
+    mask = random_mask(gen, case.mask_shape)
+    value, expected = _value_and_grads(case, student, teacher, mask)
+    grads, fvalue = torch.func.grad_and_value(lambda s: _call_with(case, s, teacher, mask))(student)
+    torch.testing.assert_close(fvalue, value)
+    _close(floating_leaves(grads), expected, rtol=1e-10, atol=1e-12)
+
+
+@by_id
+def test_torch_func_vmap_over_inputs_equals_a_loop(case: Case):
+    gen = generator(9)
+    draws = [case.make(gen) for _ in range(3)]
+    masks = [random_mask(gen, case.mask_shape) for _ in range(3)]
+
+    def stack(parts):
+        return tuple(torch.stack(p) for p in zip(*parts, strict=True)) if isinstance(parts[0], tuple) \
+            else torch.stack(parts)
+
+    students, teachers = stack([d[0] for d in draws]), stack([d[1] for d in draws])
+    batched = torch.func.vmap(lambda s, t, m: _call_with(case, s, t, m))(students, teachers, torch.stack(masks))
+    expected = torch.stack([_call_with(case, s, t, m) for (s, t), m in zip(draws, masks, strict=True)])
+    torch.testing.assert_close(batched, expected, rtol=1e-10, atol=1e-12)
+
+
+@by_id
+def test_torch_func_jvp_equals_the_directional_derivative(case: Case):
+    gen = generator(10)
+    student, teacher = case.make(gen)
+    mask = random_mask(gen, case.mask_shape)
+    tangent = tmap(lambda x: torch.randn(x.shape, generator=gen, dtype=F64), student)  # students are floating
+    value, derivative = torch.func.jvp(lambda s: _call_with(case, s, teacher, mask), (student,), (tangent,))
+    expected_value, grads = _value_and_grads(case, student, teacher, mask)
+    torch.testing.assert_close(value, expected_value)
+    expected = sum((g * v).sum() for g, v in zip(grads, leaves(tangent), strict=True))
+    torch.testing.assert_close(derivative, expected, rtol=1e-9, atol=1e-12)
+
+
+HYPER = [(c, name) for c in CASES for name in ("temperature", "beta", "alpha")
+         if name in c.options and (not isinstance(c.options[name], torch.Tensor) or c.options[name].ndim == 0)]
+
+
+@pytest.mark.parametrize(("case", "name"), HYPER, ids=[f"{c.id}-{n}" for c, n in HYPER])
+def test_torch_func_vmap_over_a_batch_of_hyperparameters_equals_a_loop(case: Case, name: str):
+    gen = generator(11)
+    student, teacher = case.make(gen)
+    mask = random_mask(gen, case.mask_shape)
+    values = torch.tensor([0.0, 0.3, 1.0] if name in ("beta", "alpha") else [0.5, 1.0, 3.0], dtype=F64)
+
+    def at(value):
+        options = {**case.options, name: value}
+        return case.loss(student, teacher, mask=mask, **options)
+
+    batched = torch.func.vmap(at)(values)
+    expected = torch.stack([at(v) for v in values.tolist()])
+    torch.testing.assert_close(batched, expected, rtol=1e-10, atol=1e-12)

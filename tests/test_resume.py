@@ -75,7 +75,7 @@ def test_resume_reproduces_the_unbroken_run_exactly():
     spec, params, student, opt, step_fn = fresh(make_spec())
     first = train((spec, params, student, opt, step_fn), range(5), teacher)
     buffer = io.BytesIO()
-    torch.save({"spec": spec.to_config().model_dump_json(), "params": params.state_dict(),
+    torch.save({"spec": dk.to_config(spec).model_dump_json(), "params": params.state_dict(),
                 "student": student.state_dict(), "optimizer": opt.state_dict(), "step": 5}, buffer)
     del spec, params, student, opt, step_fn
 

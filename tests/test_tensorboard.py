@@ -168,7 +168,7 @@ def test_config_dict_round_trips_as_text_and_hparams(tmp_path):
 
 
 class FakeModel:
-    """Duck-typed pydantic model: what `spec.to_config()` returns."""
+    """Duck-typed pydantic model: what `dk.to_config(spec)` returns."""
 
     def __init__(self, data):
         self.data = data

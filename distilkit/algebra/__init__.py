@@ -2,6 +2,7 @@
 projections and ``init_params``; multi-teacher and multi-task building blocks."""
 
 from . import proj as proj
+from ._evaluate import loss_fn as loss_fn
 from ._loss import REGISTRY as REGISTRY
 from ._loss import Loss as Loss
 from ._loss import attention_ce as attention_ce

@@ -1,6 +1,7 @@
-"""Applying a spec to one batch, in two halves so that the step can compile the second with ``fullgraph=True``:
+"""Applying a spec to one batch: the pure core :func:`loss_fn`, in two halves so that the step can compile the
+second with ``fullgraph=True``:
 
-* :func:`gather` (eager, Python): resolves selectors and ``mask=`` / ``labels=`` keys, with errors naming the term;
+* :func:`gather` (Python): resolves selectors and ``mask=`` / ``labels=`` keys, with errors naming the term;
 * :func:`evaluate` (pure tensor code): projections, schedules, adaptive temperatures, losses, weights, metrics.
 """
 
@@ -11,11 +12,16 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from ..losses import probability_shift as _probability_shift
 from ..schedules import Schedule
 from ..schedules._temperature import AdaptiveTemperature
-from ._term import Spec, SpecKeyError, Term, _is_pair
+from ._multi import Tasks
+from ._proj import check_params
+from ._term import Spec, SpecKeyError, Term, _is_pair, as_spec
+
+Metrics = dict[str, Tensor]
 
 
 # -------------------------------------------------------------------------------------------------- gather
@@ -86,10 +92,13 @@ def _at(value, step: Tensor):
     return value(step) if isinstance(value, Schedule) else value
 
 
-def _weight(term: Term, step: Tensor) -> Tensor:
-    weight = torch.ones((), device=step.device)
+def _weight(term: Term, step: Tensor) -> Tensor | float | None:
+    """The product of the term's weight factors at ``step``; ``None`` without factors (the value is then used as it
+    is: under inductor a constant ``ones() * value`` returned beside ``value.detach()`` loses its grad)."""
+    weight = None
     for factor in term.weight:
-        weight = weight * _at(factor, step)
+        value = _at(factor, step)
+        weight = value if weight is None else weight * value
     return weight
 
 
@@ -113,15 +122,15 @@ def _elements(x: TermInputs, term: Term) -> list[TermInputs]:
         x, ("student outputs", "teacher outputs", "masks", "labels", "labels"), strict=True)), strict=True)]
 
 
-def _project(term: Term, module: Callable, x):
+def _project(term: Term, params, x):
     if isinstance(x, tuple):
-        return tuple(_project(term, module, xi) for xi in x)
+        return tuple(_project(term, params, xi) for xi in x)
     width = term.proj.in_features
     if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != width:
         got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{term.loss.name}: expected student features of width {width} for the projection "
                          f"dk.proj.{term.proj.kind}({width}, {term.proj.out_features}), got {got}.")
-    return module(x)
+    return term.proj.apply(params, term.name, x)
 
 
 def _apply(term: Term, x: TermInputs, step: Tensor, params, counts: Mapping | None):
@@ -130,7 +139,7 @@ def _apply(term: Term, x: TermInputs, step: Tensor, params, counts: Mapping | No
     total, temperatures = 0.0, []
     base = {k: _at(v, step) for k, v in term.options}
     for e in _elements(x, term):
-        student = _project(term, params[term.name], e.student) if term.proj is not None else e.student
+        student = _project(term, params, e.student) if term.proj is not None else e.student
         teacher = e.teacher
         if term.probability_shift is not None:
             teacher = _probability_shift(teacher, e.shift)
@@ -185,10 +194,11 @@ def evaluate(spec: Spec, inputs: Mapping[str, TermInputs], step: Tensor, params=
                 raise
             raise _named(error, term) from error
         weight = _weight(term, step)
-        weighted = weight * value
+        weighted = value if weight is None else weight * value
         loss = weighted if loss is None else loss + weighted
         metrics[f"{term.name}/loss"] = value.detach()
-        metrics[f"{term.name}/weight"] = weight.detach()
+        metrics[f"{term.name}/weight"] = (torch.ones((), device=step.device) if weight is None
+                                          else torch.as_tensor(weight, device=step.device).detach())
         if temperature is not None:
             metrics[f"{term.name}/temperature"] = temperature.detach()
     if loss is None:
@@ -208,3 +218,81 @@ def _named(error: Exception, term: Term) -> Exception:
         message = f"{api} (term '{term.name}'): {message}"
     cls = SpecKeyError if isinstance(error, KeyError) else type(error)
     return cls(message)
+
+
+# ------------------------------------------------------------------------------------------------- the pure core
+def loss_fn(spec) -> Callable[..., tuple[Tensor, Metrics]]:
+    """The spec's loss as a pure function ``f(student_out, teacher_out, batch=None, *, step=0, params=None,
+    counts=None) -> (loss, metrics)``.
+
+    No hidden state: the same arguments give the same result, so ``f`` composes with ``torch.func`` (``grad``,
+    ``vmap``, ``jvp``, ``functional_call``) and ``torch.compile`` like any tensor function. ``dk.make_step`` is this
+    function with eager validation and a compiled core.
+
+    Args:
+        spec: a term, a spec (``term + term``) or ``dk.tasks(...)``.
+
+    The returned function takes:
+        student_out, teacher_out: output mappings (``{"logits": ..., "hidden": [...], ...}``).
+        batch: extra inputs looked up by ``mask=`` / ``labels=`` keys (and the task key of ``dk.tasks``).
+        step: the optimizer step (int or 0-d tensor) at which schedules are evaluated.
+        params: the projections' parameters: ``dk.init_params(spec)`` or a mapping of its tensors (as
+            ``dict(params.named_parameters())`` or ``torch.func.functional_call`` give).
+        counts: global normalisation — ``{mask key: kept positions of the whole optimizer step per rank}``.
+
+    It returns the weighted total ``loss`` and ``metrics``: 0-d detached tensors ``loss`` and, per term,
+    ``<name>/loss`` (unweighted), ``<name>/weight`` and ``<name>/temperature`` (logit losses).
+    """
+    spec = as_spec(spec, "loss_fn")
+
+    def loss(student_out: Mapping, teacher_out: Mapping, batch: Mapping | None = None, *, step: int | Tensor = 0,
+             params=None, counts: Mapping[str, Any] | None = None) -> tuple[Tensor, Metrics]:
+        chosen, inputs, step_t, counts_t = prepare(spec, student_out, teacher_out, batch, step, params, counts,
+                                                   "loss_fn")
+        return evaluate(chosen, inputs, step_t, params, counts_t, name_errors=True)
+
+    loss.spec = spec  # type: ignore[attr-defined]
+    return loss
+
+
+def prepare(spec: Spec | Tasks, student_out, teacher_out, batch, step, params, counts, where: str):
+    """The eager half: the task's spec, its gathered inputs, and ``step`` / ``counts`` as tensors on their device."""
+    batch = {} if batch is None else batch
+    chosen = spec.spec_for(batch) if isinstance(spec, Tasks) else spec
+    inputs = gather(chosen, student_out, teacher_out, batch)
+    device = input_device(inputs)
+    check_params(where, chosen.terms, params)
+    return chosen, inputs, step_tensor(step, device, where), count_tensors(counts, device, where)
+
+
+def input_device(inputs: Mapping[str, TermInputs]) -> torch.device:
+    for leaf in pytree.tree_leaves(dict(inputs)):
+        if isinstance(leaf, Tensor):
+            return leaf.device
+    return torch.device("cpu")
+
+
+def step_tensor(step, device: torch.device, where: str) -> Tensor:
+    if isinstance(step, Tensor):
+        if step.ndim != 0:
+            raise ValueError(f"{where}: expected step to be an int or a 0-d tensor, got shape {tuple(step.shape)}.")
+        return step.to(device)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"{where}: expected step to be an int or a 0-d tensor, got {type(step).__name__}.")
+    return torch.tensor(step, device=device)
+
+
+def count_tensors(counts, device: torch.device, where: str) -> dict[str, Tensor] | None:
+    if counts is None:
+        return None
+    if not isinstance(counts, Mapping):
+        raise TypeError(f"{where}: expected counts to be a mapping {{mask key: count}}, got {type(counts).__name__}.")
+    out = {}
+    for key, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+            raise TypeError(f"{where}: expected counts[{key!r}] to be a number or 0-d tensor, got {value!r}.")
+        value = torch.as_tensor(value, dtype=torch.float32).to(device)
+        if value.ndim != 0:
+            raise ValueError(f"{where}: expected counts[{key!r}] to be 0-d, got shape {tuple(value.shape)}.")
+        out[key] = value
+    return out

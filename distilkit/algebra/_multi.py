@@ -13,13 +13,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
+from ..schedules._schedule import tree_equal, tree_hash
 from ._term import Spec, Term, as_spec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Tasks:
-    """One spec per task; ``batch[key]`` (a str) says which applies. Build with :func:`tasks`."""
+    """One spec per task; ``batch[key]`` (a str) says which applies. Build with :func:`tasks`. A pytree whose
+    children are the specs (task names and the key are static), with structural equality like a spec."""
 
     specs: tuple[tuple[str, Spec], ...]
     key: str = "task"
@@ -44,10 +47,23 @@ class Tasks:
                                      "the term of that name in another task; give them different names.")
         return tuple(by_name.values())
 
-    def to_config(self):
-        from ..config import to_config
+    def __eq__(self, other: object) -> bool:
+        return tree_equal(self, other) if isinstance(other, Tasks) else NotImplemented
 
-        return to_config(self)
+    def __hash__(self) -> int:
+        return tree_hash(self)
+
+
+def _unflatten_tasks(children, context: tuple) -> Tasks:
+    names, key = context
+    node = object.__new__(Tasks)
+    object.__setattr__(node, "specs", tuple(zip(names, children, strict=True)))
+    object.__setattr__(node, "key", key)
+    return node
+
+
+pytree.register_pytree_node(Tasks, lambda t: ([s for _, s in t.specs], (tuple(n for n, _ in t.specs), t.key)),
+                            _unflatten_tasks, serialized_type_name="distilkit.Tasks")
 
 
 def tasks(specs: Mapping[str, Spec | Term], *, key: str = "task") -> Tasks:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 ACTIVATIONS = {"linear": None, "relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -80,6 +82,18 @@ class Projection:
         activation = ACTIVATIONS[self.kind]
         return linear if activation is None else nn.Sequential(linear, activation())
 
+    def apply(self, params: nn.Module | Mapping[str, Tensor], name: str, x: Tensor) -> Tensor:
+        """Project ``x`` with term ``name``'s parameters: ``params[name]`` of the module from :func:`init_params`,
+        or the tensors ``{name}.weight`` / ``{name}.bias`` (``{name}.0.…`` for relu/tanh) of a mapping such as
+        ``dict(params.named_parameters())`` or what ``torch.func.functional_call`` is given."""
+        if isinstance(params, nn.Module):
+            return params[name](x)
+        prefix = f"{name}." if self.kind == "linear" else f"{name}.0."
+        y = F.linear(x, params[prefix + "weight"], params[prefix + "bias"])
+        if self.kind == "relu":
+            return F.relu(y)
+        return torch.tanh(y) if self.kind == "tanh" else y
+
 
 def linear(in_features: int, out_features: int) -> Projection:
     """``x W + b``: student width ``in_features`` → teacher width ``out_features``."""
@@ -94,6 +108,27 @@ def relu(in_features: int, out_features: int) -> Projection:
 def tanh(in_features: int, out_features: int) -> Projection:
     """``tanh(x W + b)``."""
     return Projection("tanh", in_features, out_features)
+
+
+def check_params(where: str, terms, params) -> None:
+    """Eager check that ``params`` holds a projection for every projected term (a module or a tensor mapping)."""
+    projected = [t for t in terms if t.proj is not None]
+    if not projected:
+        return
+    names = [t.name for t in projected]
+    if isinstance(params, nn.Module):
+        missing = [n for n in names if n not in getattr(params, "_modules", {})]
+    elif isinstance(params, Mapping):
+        missing = [t.name for t in projected
+                   if not all(f"{t.name}.{'' if t.proj.kind == 'linear' else '0.'}{p}" in params
+                              for p in ("weight", "bias"))]
+    else:
+        raise TypeError(f"{where}: terms {names} have projections; pass params=dk.init_params(spec) (and put its "
+                        "parameters in your optimizer), or a mapping of its tensors such as "
+                        f"dict(params.named_parameters()), got params={type(params).__name__}.")
+    if missing:
+        raise KeyError(f"{where}: params has no projection for terms {missing}; was it made by dk.init_params "
+                       "from this spec?")
 
 
 def init_params(spec) -> nn.ModuleDict:

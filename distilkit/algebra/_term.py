@@ -1,8 +1,10 @@
 """Terms and specs: which loss, on which outputs, with which options and weight.
 
-A :class:`Term` is static structure (loss, selectors, key names, projection) plus hyperparameters (floats,
-tensors, schedules, adaptive temperatures). A :class:`Spec` is a sum of uniquely named terms. How a spec is applied
-to a batch lives in ``_evaluate.py``.
+A :class:`Term` is static structure (loss, selectors, key names, projection, options that are ints, bools or strings,
+its name) plus hyperparameters (float options, tensors, schedules, adaptive temperatures, weights). A :class:`Spec` is
+a sum of uniquely named terms. Both are pytrees: the hyperparameters are the leaves, everything else is the static
+structure, and equality and hashing are structural (``tree_equal`` / ``tree_hash``), so a spec rebuilt from its
+config is ``==`` to the original and hashes the same. How a spec is applied to a batch lives in ``_evaluate.py``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
+from ..losses._checks import values_readable
 from ..schedules import Schedule
+from ..schedules._schedule import tree_equal, tree_hash
 from ..schedules._temperature import AdaptiveTemperature
 from ._loss import Loss
 from ._proj import Projection
@@ -83,7 +88,7 @@ _OPTION_TYPES = (int, float, bool, str, type(None), Tensor, Schedule)
 _RESERVED = {"reduction": "the step reduces every term itself", "mask": "give mask= as a key name to .on()"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Term:
     """``weight × loss(student[sel], teacher[sel], mask=batch[mask], **options)``.
 
@@ -144,10 +149,16 @@ class Term:
             raise ValueError(f"{where}: probability_shift applies to logit losses, not {loss.name}.")
         if proj is not None and not isinstance(proj, Projection):
             raise TypeError(f"{where}: expected proj to be dk.proj.linear/relu/tanh(...), got {type(proj).__name__}.")
-        options = dict(options or {})
-        _check_options(loss, options, where)
-        term = cls(loss, student, teacher, mask, labels, proj, probability_shift, tuple(sorted(options.items())))
+        options = _check_options(loss, dict(options or {}), where)
+        options = tuple(sorted(options.items(), key=lambda item: item[0]))  # by name (values may be tensors)
+        term = cls(loss, student, teacher, mask, labels, proj, probability_shift, options)
         return replace(term, name=_default_name(term))
+
+    def __eq__(self, other: object) -> bool:
+        return tree_equal(self, other) if isinstance(other, Term) else NotImplemented
+
+    def __hash__(self) -> int:
+        return tree_hash(self)
 
     # ---- algebra
     def named(self, name: str) -> Term:
@@ -191,12 +202,38 @@ class Term:
     def all_terms(self) -> tuple[Term, ...]:
         return (self,)
 
-    def to_config(self):
-        """A one-term spec's ``dk.SpecConfig`` (the config layer is imported on first use)."""
-        return Spec((self,)).to_config()
+
+def _is_leaf_option(value: Any) -> bool:
+    """Hyperparameters (pytree leaves, tensors in a compiled step) as opposed to static options (ints, bools, str)."""
+    return isinstance(value, (float, Tensor, Schedule, AdaptiveTemperature))
 
 
-def _check_options(loss: Loss, options: dict, where: str) -> None:
+def _flatten_term(term: Term) -> tuple[list[Any], tuple]:
+    leaf_names = tuple(name for name, value in term.options if _is_leaf_option(value))
+    static = tuple((name, value) for name, value in term.options if not _is_leaf_option(value))
+    children = [value for name, value in term.options if name in leaf_names] + list(term.weight)
+    context = (term.loss, term.student, term.teacher, term.mask, term.labels, term.proj, term.probability_shift,
+               static, leaf_names, len(term.weight), term.name)
+    return children, context
+
+
+def _unflatten_term(children: Any, context: tuple) -> Term:
+    loss, student, teacher, mask, labels, proj, shift, static, leaf_names, _, name = context
+    children = list(children)
+    k = len(leaf_names)
+    options = tuple(sorted((*static, *zip(leaf_names, children[:k], strict=True)), key=lambda item: item[0]))
+    term = object.__new__(Term)  # no checks: leaves may be tracers, batched tensors or other dtypes
+    for field, value in (("loss", loss), ("student", student), ("teacher", teacher), ("mask", mask),
+                         ("labels", labels), ("proj", proj), ("probability_shift", shift), ("options", options),
+                         ("weight", tuple(children[k:])), ("name", name)):
+        object.__setattr__(term, field, value)
+    return term
+
+
+def _check_options(loss: Loss, options: dict, where: str) -> dict:
+    """Check the options against the loss's signature. An int given for an option whose default is a float becomes
+    a float (a hyperparameter: a leaf of the spec, a tensor in a compiled step); a 0-d integer tensor becomes an int
+    (structure, such as ``num_heads``)."""
     params = inspect.signature(loss.fn).parameters
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     known = sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _RESERVED)
@@ -211,6 +248,13 @@ def _check_options(loss: Loss, options: dict, where: str) -> None:
         elif not isinstance(value, _OPTION_TYPES):
             raise TypeError(f"{where}: option {name}: expected a number, str, tensor or schedule, got "
                             f"{type(value).__name__}.")
+        default = params[name].default if name in params else None
+        if isinstance(value, int) and not isinstance(value, bool) and isinstance(default, float):
+            options[name] = float(value)
+        elif (isinstance(value, Tensor) and value.ndim == 0 and not (value.is_floating_point() or value.is_complex())
+              and values_readable(value)):
+            options[name] = value.item()  # an integer or bool option is structure (num_heads), as its config reads
+    return options
 
 
 def _factor(factor, where: str):
@@ -238,9 +282,9 @@ def _default_name(term: Term) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- specs
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Spec:
-    """A sum of uniquely named terms; the loss is ``Σ weight_i × loss_i``."""
+    """A sum of uniquely named terms; the loss is ``Σ weight_i × loss_i``. A pytree whose children are its terms."""
 
     terms: tuple[Term, ...]
 
@@ -288,11 +332,22 @@ class Spec:
     def all_terms(self) -> tuple[Term, ...]:
         return self.terms
 
-    def to_config(self):
-        """This spec as a ``dk.SpecConfig`` pydantic model (the config layer is imported on first use)."""
-        from ..config import to_config
+    def __eq__(self, other: object) -> bool:
+        return tree_equal(self, other) if isinstance(other, Spec) else NotImplemented
 
-        return to_config(self)
+    def __hash__(self) -> int:
+        return tree_hash(self)
+
+
+def _unflatten_spec(children: Any, context: None) -> Spec:
+    spec = object.__new__(Spec)
+    object.__setattr__(spec, "terms", tuple(children))
+    return spec
+
+
+pytree.register_pytree_node(Term, _flatten_term, _unflatten_term, serialized_type_name="distilkit.Term")
+pytree.register_pytree_node(Spec, lambda spec: (list(spec.terms), None), _unflatten_spec,
+                            serialized_type_name="distilkit.Spec")
 
 
 def as_spec(spec, where: str):

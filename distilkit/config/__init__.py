@@ -1,6 +1,6 @@
 """Spec files: pydantic models mirroring the loss algebra, JSON round trip and JSON Schema.
 
-``spec.to_config()`` (or :func:`to_config`) gives a :class:`SpecConfig` (``dk.tasks``: :class:`TasksConfig`);
+``to_config(spec)`` (``dk.to_config``) gives a :class:`SpecConfig` (``dk.tasks``: :class:`TasksConfig`);
 ``from_config(model | dict | json_text | path)`` rebuilds an equal spec; :func:`schema` is the JSON Schema of a
 spec file. Problems are reported as one :class:`ConfigError` listing ``<path>: <message>`` per problem.
 """

@@ -140,7 +140,7 @@ def from_config(config) -> Spec | Tasks:
     """Rebuild a spec from a config: a :class:`SpecConfig` / :class:`TasksConfig`, a dict, JSON text (a str starting
     with ``{``) or the path of a JSON file (str or ``os.PathLike``).
 
-    ``from_config(spec.to_config()) == spec``. Losses are looked up in the registry (``dk.register_loss``) only.
+    ``from_config(to_config(spec)) == spec``. Losses are looked up in the registry (``dk.register_loss``) only.
     Raises :class:`ConfigError` listing every problem as ``<path>: <message>`` (``terms.2.options.temperature: ...``).
     """
     source = None

@@ -314,7 +314,7 @@ def _check_version(value: object) -> object:
 
 
 class SpecConfig(_Model):
-    """A distilkit loss spec: the sum of its terms (``dk.from_config`` rebuilds it, ``spec.to_config()`` writes
+    """A distilkit loss spec: the sum of its terms (``dk.from_config`` rebuilds it, ``dk.to_config(spec)`` writes
     it)."""
 
     kind: Literal["spec"] = Field("spec", description="'spec'")
@@ -362,4 +362,4 @@ def schema() -> dict[str, Any]:
     out = ADAPTER.json_schema()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "distilkit spec file",
             "description": f"A distilkit loss spec (version {VERSION}): a 'spec' (a sum of terms) or 'tasks' (a spec "
-                           "per task). Read with distilkit.from_config, written with spec.to_config().", **out}
+                           "per task). Read with distilkit.from_config, written with dk.to_config(spec).", **out}

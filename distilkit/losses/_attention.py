@@ -77,9 +77,8 @@ def attention_kl(student: Tensor, teacher: Tensor, *, mask=None, inputs: str = "
     """
     api = "attention_kl"
     check.choice(api, "inputs", inputs, ("probs", "logits"))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{api}: expected eps to be a float > 0, got {eps!r}.")
     s, t, keep = _maps(api, student, teacher, mask)
+    eps = check.positive(api, "eps", eps, (), s)
     if inputs == "logits":
         return _kl_over_kept_keys(s, t, keep)
     pairs = _pairs(keep)

@@ -1,9 +1,10 @@
 """Argument checks shared by the losses.
 
 Everything here looks at Python values, shapes, dtypes and devices, which are static under ``torch.compile``.
-The few checks that need tensor *values* (temperature > 0, labels in range) run only in eager mode and only for
-CPU tensors, where reading a value costs no device synchronisation; on an accelerator they are skipped (the
-step's ``check_finite`` option catches what they would have caught).
+The few checks that need tensor *values* (temperature > 0, labels in range) run only in plain eager mode and only for
+CPU tensors, where reading a value costs no device synchronisation: on an accelerator, while compiling and inside a
+``torch.func`` transform (where a value is a batch of values or a tracer) they are skipped, and their messages are
+built only when they fail, so no tensor is ever formatted (an ``.item()``) on a path that succeeds.
 
 Messages follow ``<api>: expected <what>, got <value>.`` so that the algebra layer can prefix the term's name.
 """
@@ -11,7 +12,7 @@ Messages follow ``<api>: expected <what>, got <value>.`` so that the algebra lay
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -57,12 +58,25 @@ def same_device(api: str, **tensors: Tensor | None) -> None:
         raise ValueError(f"{api}: expected all tensors on one device, got {listing}.")
 
 
-def eager_check(api: str, ok: Tensor, message: str) -> None:
-    """Raise ``ValueError(f"{api}: {message}")`` unless ``ok`` — only eagerly and for CPU tensors (no sync)."""
-    if torch.compiler.is_compiling() or ok.device.type != "cpu":
+def in_transform() -> bool:
+    """Whether eager code runs inside a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def values_readable(x: Tensor) -> bool:
+    """Whether reading ``x``'s values costs no device synchronisation and is defined: a CPU tensor, in plain eager
+    mode (not compiling, not inside a ``torch.func`` transform)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and not in_transform()
+
+
+def eager_check(api: str, ok: Tensor, message: str | Callable[[], str]) -> None:
+    """Raise ``ValueError(f"{api}: {message}")`` unless ``ok`` — only where :func:`values_readable` (no sync).
+
+    ``message`` may be a function, called only on failure (so that formatting a tensor never costs a sync)."""
+    if not values_readable(ok):
         return
     if not bool(ok.all()):
-        raise ValueError(f"{api}: {message}")
+        raise ValueError(f"{api}: {message() if callable(message) else message}")
 
 
 def mask(api: str, m: object, lead_shape: tuple[int, ...], like: Tensor) -> Tensor | None:
@@ -90,9 +104,9 @@ def positive(api: str, name: str, value: object, lead_shape: tuple[int, ...], li
             f"{tuple(lead_shape)}, got {type(value).__name__}."
         )
     if not isinstance(value, Tensor):
-        if not (math.isfinite(value) and value > 0):
+        if not 0 < value < math.inf:  # comparisons (not math.isfinite) also trace a symbolic float under dynamo
             raise ValueError(f"{api}: expected {name} > 0 (and finite), got {value}.")
-        return float(value)
+        return value
     if not value.is_floating_point():
         raise TypeError(f"{api}: expected {name} to be a floating-point tensor, got dtype {value.dtype}.")
     if value.ndim != 0 and _shape(value) != tuple(lead_shape):
@@ -102,7 +116,7 @@ def positive(api: str, name: str, value: object, lead_shape: tuple[int, ...], li
         )
     same_device(api, input=like, **{name: value})
     eager_check(api, (value > 0) & value.isfinite(), f"expected {name} > 0 (and finite) everywhere.")
-    return value.detach().to(like.dtype)
+    return value.to(like.dtype)  # not detached: a temperature that requires grad receives its gradient
 
 
 def unit_interval(api: str, name: str, value: object) -> float | Tensor:
@@ -118,8 +132,8 @@ def unit_interval(api: str, name: str, value: object) -> float | Tensor:
             f"{api}: expected {name} to be a 0-d floating-point tensor, got shape {_shape(value)}, "
             f"dtype {value.dtype}."
         )
-    eager_check(api, (value >= 0) & (value <= 1), f"expected 0 <= {name} <= 1, got {value}.")
-    return value.detach()
+    eager_check(api, (value >= 0) & (value <= 1), lambda: f"expected 0 <= {name} <= 1, got {value.item()}.")
+    return value
 
 
 def choice(api: str, name: str, value: object, allowed: Sequence[object]) -> None:
@@ -138,3 +152,21 @@ def sequences(api: str, student: object, teacher: object, m: object) -> tuple[Te
     same_shape(api, s, t, "student and teacher features", dims=slice(0, 2))
     same_device(api, student=s, teacher=t)
     return s, t, mask(api, m, tuple(s.shape[:2]), s)
+
+
+def outside_transforms(api: str, instead: str) -> None:
+    """Raise a ``TypeError`` naming the active ``torch.func`` transform: for code paths (hand-written autograd
+    Functions, the CPU kernel) that have no rule for it yet. ``instead`` says what to use there."""
+    if in_transform():
+        transform = str(torch._C._functorch.peek_interpreter_stack().key()).rsplit(".", 1)[-1].lower()
+        raise TypeError(f"{api}: does not support torch.func.{transform} (nor any torch.func transform) yet; "
+                        f"{instead}.")
+
+
+def no_grad_hyperparameters(api: str, instead: str, **values: object) -> None:
+    """Raise a ``TypeError`` when a hyperparameter tensor requires grad on a path that cannot give it one, so that it
+    is never silently detached."""
+    for name, value in values.items():
+        if isinstance(value, Tensor) and value.requires_grad:
+            raise TypeError(f"{api}: expected {name} not to require grad: this path gives it no gradient; "
+                            f"{instead}.")

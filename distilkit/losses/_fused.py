@@ -284,6 +284,9 @@ def fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
         param = check.unit_interval(api, "beta", beta)
     elif kind == "skew_kl":
         param = check.unit_interval(api, "alpha", alpha)
+    dense = f"compute the logits and use dk.{kind} (the dense path) there"
+    check.outside_transforms(api, dense)
+    check.no_grad_hyperparameters(api, dense, temperature=temperature, beta=beta, alpha=alpha)
     lead = tuple(hs.shape[:-1])
     temp, keep = prepare_rows(api, lead, hs, temperature, mask)
     hs2, ht2 = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])

@@ -58,8 +58,11 @@ class _SelfGram(torch.autograd.Function):
 
 
 def _gram(a: Tensor, b: Tensor) -> Tensor:
-    """``a bᵀ``; when ``a`` is ``b`` (one tensor as both members), through :class:`_SelfGram`."""
-    return _SelfGram.apply(a) if a is b else a @ b.mT
+    """``a bᵀ``; when ``a`` is ``b`` (one tensor as both members), through :class:`_SelfGram` — except inside a
+    ``torch.func`` transform, where the plain product serves every transform (forward mode included)."""
+    if a is b and not check.in_transform():
+        return _SelfGram.apply(a)
+    return a @ b.mT
 
 
 def _hidden_pairs(api: str, student, teacher, mask, *, mask_teacher: bool = True):
@@ -142,6 +145,7 @@ def nst(student: Tensor, teacher: Tensor, *, mask=None, eps: float = 1e-12) -> P
     with at least one kept position; widths may differ.
     """
     s, t, keep = check.sequences("nst", student, teacher, mask)
+    eps = check.positive("nst", "eps", eps, (), s)
 
     def position_gram(x: Tensor) -> Tensor:
         if keep is not None:

@@ -114,15 +114,16 @@ def _column(value: float | Tensor) -> float | Tensor:
 
 
 def _same_temperature(api: str, temp: float | Tensor, stored: float | Tensor) -> None:
-    message = (
-        f"expected temperature equal to the teacher's stored temperature {stored} under policy='tail', got "
-        f"{temp}: the leftover mass at another temperature cannot be recovered from the top k. Cache the teacher "
-        "at this temperature or use policy='renormalize'."
-    )
+    def message() -> str:
+        show = [float(x) if isinstance(x, Tensor) and x.ndim == 0 else x for x in (stored, temp)]
+        return (f"expected temperature equal to the teacher's stored temperature {show[0]} under policy='tail', got "
+                f"{show[1]}: the leftover mass at another temperature cannot be recovered from the top k. Cache the "
+                "teacher at this temperature or use policy='renormalize'.")
+
     if isinstance(temp, float) and isinstance(stored, float):
         if not math.isclose(temp, stored, rel_tol=1e-6):
-            raise ValueError(f"{api}: {message}")
-    elif not torch.compiler.is_compiling():
+            raise ValueError(f"{api}: {message()}")
+    else:
         difference = (torch.as_tensor(temp) - torch.as_tensor(stored)).abs()
         check.eager_check(api, difference <= 1e-6 * torch.as_tensor(stored), message)
 

@@ -23,6 +23,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from ..losses._checks import values_readable
+
 _N = TypeVar("_N", bound=type)
 
 
@@ -32,10 +34,10 @@ _N = TypeVar("_N", bound=type)
 
 
 class Node:
-    """Common behaviour of schedules and adaptive temperatures: readable repr and equality by value.
+    """Common behaviour of schedules and adaptive temperatures: readable repr and structural equality.
 
-    Two nodes are equal when they have the same kind, structure and leaf values (dtype included, device ignored), so
-    that a node rebuilt from its configuration equals the original. Hashing follows equality.
+    Two nodes are equal when :func:`tree_equal` says so (same kind and structure, equal leaf values, device ignored),
+    so that a node rebuilt from its configuration equals the original. Hashing follows equality.
     """
 
     def _items(self) -> list[tuple[str, Any]]:
@@ -45,15 +47,10 @@ class Node:
         return f"{type(self).__name__}({', '.join(f'{name}={_show(v)}' for name, v in self._items())})"
 
     def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        mine, my_spec = pytree.tree_flatten(self)
-        theirs, their_spec = pytree.tree_flatten(other)
-        return my_spec == their_spec and all(_same_value(a, b) for a, b in zip(mine, theirs, strict=True))
+        return tree_equal(self, other) if type(other) is type(self) else NotImplemented
 
     def __hash__(self) -> int:
-        leaves, spec = pytree.tree_flatten(self)
-        return hash((str(spec), tuple(_key(x) for x in leaves)))
+        return tree_hash(self)
 
 
 def _show(value: object) -> str:
@@ -67,14 +64,32 @@ def _show(value: object) -> str:
     return repr(value)
 
 
-def _same_value(a: object, b: object) -> bool:
+def _same_leaf(a: object, b: object) -> bool:
+    """Leaves are equal when they hold the same numbers: two tensors of one dtype, shape and values (device ignored),
+    or a Python number and a 0-d tensor holding that number in the tensor's dtype (what a config round trip gives)."""
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu())
-    return a == b
+    if isinstance(b, Tensor):
+        a, b = b, a
+    if isinstance(a, Tensor):
+        if a.ndim != 0 or isinstance(b, bool) or not isinstance(b, numbers.Real):
+            return False
+        return bool(torch.tensor(b, dtype=a.dtype) == a.detach().cpu())
+    return type(a) is type(b) and a == b
 
 
-def _key(x: object) -> object:
-    return (str(x.dtype), tuple(x.detach().cpu().reshape(-1).tolist())) if isinstance(x, Tensor) else x
+def tree_equal(a: object, b: object) -> bool:
+    """Structural equality of pytrees: the same static structure and equal leaves (see :func:`_same_leaf`)."""
+    mine, my_spec = pytree.tree_flatten(a)
+    theirs, their_spec = pytree.tree_flatten(b)
+    return my_spec == their_spec and all(_same_leaf(x, y) for x, y in zip(mine, theirs, strict=True))
+
+
+def tree_hash(x: object) -> int:
+    """A hash that follows :func:`tree_equal`: the static structure and the leaves' shapes, never their values (so
+    hashing reads nothing from a device, and a number hashes like the 0-d tensor that equals it)."""
+    leaves, spec = pytree.tree_flatten(x)
+    return hash((str(spec), tuple(tuple(v.shape) if isinstance(v, Tensor) else () for v in leaves)))
 
 
 def node(cls: _N) -> _N:
@@ -110,10 +125,6 @@ def node(cls: _N) -> _N:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _readable(x: Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def number(api: str, name: str, value: object, check: Callable[[float], bool] = math.isfinite,
            what: str = "a finite number") -> Tensor:
     """A real number or 0-d real tensor as a 0-d floating tensor leaf (float32, or float64 when given so)."""
@@ -125,7 +136,7 @@ def number(api: str, name: str, value: object, check: Callable[[float], bool] = 
                 f"{api}: expected {name} to be a 0-d real tensor, got shape {tuple(value.shape)}, dtype {value.dtype}."
             )
         leaf = value.detach().to(torch.float64 if value.dtype == torch.float64 else torch.float32).clone()
-        if _readable(leaf) and not check(float(leaf)):
+        if values_readable(leaf) and not check(float(leaf)):
             raise ValueError(f"{api}: expected {name} to be {what}, got {float(leaf)}.")
         return leaf
     leaf = torch.tensor(float(value), dtype=torch.float32)
@@ -142,7 +153,7 @@ def integer(api: str, name: str, value: object, minimum: int) -> Tensor:
     """An integral number (``int``, an integral float, or a 0-d tensor) in ``[minimum, 2**24]``, as a float leaf."""
     bound = "> 0" if minimum == 1 else f">= {minimum}"
     leaf = number(api, name, value, lambda v: math.isfinite(v) and v == int(v), "an integer")
-    if _readable(leaf) and not minimum <= float(leaf) <= MAX_STEP:
+    if values_readable(leaf) and not minimum <= float(leaf) <= MAX_STEP:
         shown = int(value) if isinstance(value, numbers.Real) else int(float(leaf))
         limit = f"{bound}" if float(leaf) < minimum else "<= 2**24 (steps are exact in float32 up to there)"
         raise ValueError(f"{api}: expected {name} {limit}, got {shown}.")
@@ -154,7 +165,7 @@ def boundaries(api: str, value: object) -> tuple[Tensor, ...]:
     if isinstance(value, (str, bytes, Tensor)) or not isinstance(value, Sequence):
         raise TypeError(f"{api}: expected boundaries to be a sequence of integers, got {type(value).__name__}.")
     leaves = tuple(integer(api, "boundaries", b, 0) for b in value)
-    read = [float(b) for b in leaves if _readable(b)]
+    read = [float(b) for b in leaves if values_readable(b)]
     if len(read) == len(leaves) and any(b >= c for b, c in itertools.pairwise(read)):
         raise ValueError(f"{api}: expected strictly increasing boundaries, got {[int(b) for b in read]}.")
     return leaves
