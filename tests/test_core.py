@@ -347,9 +347,18 @@ def _to_meta(tree):
     return pytree.tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, tree)
 
 
-@pytest.mark.parametrize(("name", "term", "so", "to", "batch"),
-                         [c for c in CASES if not c[0].startswith(("chunked", "fused"))],
-                         ids=[c[0] for c in CASES if not c[0].startswith(("chunked", "fused"))])
+def _tensor_option_cases():
+    lg, batch = CASES[0][2], CASES[0][4]
+    return [("jsd-tensor-beta", dk.jsd.on("logits", beta=torch.tensor(0.3), temperature=torch.tensor(2.0)), lg, lg,
+             batch),
+            ("skew_kl-tensor-alpha", dk.skew_kl.on("logits", alpha=torch.tensor(0.2)), lg, lg, batch),
+            ("kd_kl-row-temperature", dk.kd_kl.on("logits", temperature=torch.full((2, 5), 2.0)), lg, lg, batch)]
+
+
+SYNC_CASES = [c for c in CASES if not c[0].startswith(("chunked", "fused"))] + _tensor_option_cases()
+
+
+@pytest.mark.parametrize(("name", "term", "so", "to", "batch"), SYNC_CASES, ids=[c[0] for c in SYNC_CASES])
 def test_no_host_synchronisation_on_a_non_cpu_device(monkeypatch, name, term, so, to, batch):
     # The meta device stands in for an accelerator: its tensors have no values, and every synchronising method is
     # made to raise, so a value check or a formatted message on the path would fail here.
@@ -358,7 +367,55 @@ def test_no_host_synchronisation_on_a_non_cpu_device(monkeypatch, name, term, so
     if isinstance(to.get("logits"), torch.Tensor):  # with a schedule and an adaptive temperature beside it
         spec = term + dk.schedules.linear(0.0, 1.0, 10) * dk.kd_kl.on(
             "logits", temperature=dk.temperature.cwsm(2.0, 0.5)).named("extra")
+    spec = _to_meta(spec)  # a spec is a pytree: its tensors move like any others
     guard = _NoSync(monkeypatch)
     loss, metrics = dk.loss_fn(spec)(so, to, batch, step=torch.tensor(3, device="meta"))
     assert loss.device.type == "meta" and all(v.device.type == "meta" for v in metrics.values())
     assert guard.calls == []
+
+
+# ------------------------------------------------------------------------- torch.func over every registered loss
+UNSUPPORTED_UNDER_TRANSFORMS = ("chunked_", "fused_")  # hand-written autograd Functions / the CPU kernel
+
+
+def _first_float_path(outputs):
+    """(key, index) of the student's first floating tensor, and a function replacing it."""
+    for key, value in outputs.items():
+        if isinstance(value, list):
+            return lambda z, k=key, v=value: {**outputs, k: [z, *v[1:]]}, value[0]
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return lambda z, k=key: {**outputs, k: z}, value
+    raise AssertionError("no floating student tensor")
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jvp"])
+@pytest.mark.parametrize(("name", "term", "so", "to", "batch"), CASES, ids=[c[0] for c in CASES])
+def test_every_loss_under_torch_func_or_one_clear_error(transform, name, term, so, to, batch):
+    to = pytree.tree_map(lambda x: x * 1.5 + 0.25 if isinstance(x, torch.Tensor) and x.is_floating_point() else x, to)
+    replace, z = _first_float_path(so)
+    f = dk.loss_fn(term)
+
+    def value(x):
+        return f(replace(x), to, batch)[0]
+
+    def run():
+        if transform == "grad":
+            return torch.func.grad(value)(z)
+        if transform == "vmap":
+            return torch.func.vmap(value)(torch.stack([z, z * 0.5]))
+        return torch.func.jvp(value, (z,), (tangent,))[1]
+
+    tangent = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))  # (ones: softmax ignores a shift)
+    if name.startswith(UNSUPPORTED_UNDER_TRANSFORMS):
+        with pytest.raises(TypeError, match=rf"{name} \(term '.*'\): does not support torch\.func\.{transform}"):
+            run()
+        return
+    got = run()
+    x = z.detach().clone().requires_grad_()
+    (g,) = torch.autograd.grad(value(x), x)
+    if transform == "grad":
+        torch.testing.assert_close(got, g, rtol=1e-5, atol=1e-6)
+    elif transform == "vmap":
+        torch.testing.assert_close(got, torch.stack([value(z), value(z * 0.5)]), rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(got, (g * tangent).sum(), rtol=1e-4, atol=1e-5)

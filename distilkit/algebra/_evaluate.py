@@ -136,7 +136,7 @@ def _project(term: Term, params, x):
 def _apply(term: Term, x: TermInputs, step: Tensor, params, counts: Mapping | None):
     """``(value, temperature)`` of one term (unweighted; summed over listed elements)."""
     loss = term.loss
-    total, temperatures = 0.0, []
+    total, temperatures = None, []
     base = {k: _at(v, step) for k, v in term.options}
     for e in _elements(x, term):
         student = _project(term, params, e.student) if term.proj is not None else e.student
@@ -153,9 +153,12 @@ def _apply(term: Term, x: TermInputs, step: Tensor, params, counts: Mapping | No
         args = {"teacher": (student, teacher), "labels": (student, e.labels), "student": (student,)}[loss.inputs]
         key = _count_key(term)
         if counts is not None and key in counts and loss.sum_count is not None:
-            total = total + _globally_normalised(loss.sum_count(*args, **options), e.mask, counts[key])
+            value = _globally_normalised(loss.sum_count(*args, **options), e.mask, counts[key])
         else:
-            total = total + loss(*args, **options)
+            value = loss(*args, **options)
+        total = value if total is None else total + value  # (no 0.0 + value: forward AD would make it float64)
+    if total is None:  # an empty list of selected tensors
+        total = torch.zeros((), device=step.device)
     temperature = None
     if temperatures:
         temperature = sum(torch.as_tensor(t, device=step.device).float().mean() for t in temperatures)
