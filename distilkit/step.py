@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .algebra._evaluate import evaluate, loss_fn, prepare
+from .algebra._evaluate import evaluate, loss_fn, prepare, tensors_of
 from .algebra._multi import Tasks
 from .algebra._term import Spec, as_spec
 
@@ -104,8 +104,7 @@ class Step:
             raise
 
     def _core(self, spec: Spec, inputs, device: torch.device):
-        dtype = torch.float64 if any(isinstance(x, Tensor) and x.dtype == torch.float64
-                                     for x in pytree.tree_leaves(dict(inputs))) else torch.float32
+        dtype = torch.float64 if any(x.dtype == torch.float64 for x in tensors_of(inputs)) else torch.float32
         key = (id(spec), device, dtype)
         prepared = self._prepared.get(key)
         if prepared is None:
@@ -153,14 +152,23 @@ def _validate(spec: Spec, inputs, step: Tensor, params, counts) -> None:
         evaluate(spec, inputs, step, params, counts, name_errors=True)
 
 
+def _describe(x) -> object:
+    """``x``'s nesting with each tensor's rank, dtype and device (not its exact shape)."""
+    if isinstance(x, Tensor):
+        return x.ndim, x.dtype, x.device
+    if isinstance(x, (list, tuple)):
+        return type(x), tuple(_describe(v) for v in x)
+    return type(x)
+
+
 def _signature(spec: Spec, inputs, params, counts) -> tuple:
     """What validation depends on: the structure and every tensor's rank, dtype and device (not its exact shape)."""
-    leaves, treedef = pytree.tree_flatten((dict(inputs), counts))
-    described = tuple((x.ndim, x.dtype, x.device) if isinstance(x, Tensor) else (type(x), x) for x in leaves)
+    described = tuple((name, _describe(x)) for name, x in inputs.items())
+    counted = None if counts is None else tuple((k, _describe(v)) for k, v in counts.items())
     if isinstance(params, nn.Module):
         params = dict(params.named_parameters())
-    param_sig = None if params is None else tuple((k, v.ndim, v.dtype, v.device) for k, v in params.items())
-    return id(spec), str(treedef), described, param_sig
+    param_sig = None if params is None else tuple((k, _describe(v)) for k, v in params.items())
+    return id(spec), described, counted, param_sig
 
 
 def _check_finite(spec: Spec, metrics: Mapping[str, Tensor]) -> None:
