@@ -91,12 +91,17 @@ def _log_softmax_(x: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
     return x.sub_(total.log()), probs
 
 
+def _where_mass(p: Tensor, x: Tensor) -> Tensor:
+    """``x`` (in place) with 0 where ``p`` = 0, so that ``p · x`` is 0 there (0·log 0 = 0, also at −inf logits)."""
+    return x.masked_fill_(p == 0, 0.0)
+
+
 def _forward_kl(ls: Tensor, lt: Tensor, ps: Tensor, pt: Tensor) -> tuple[Tensor, Tensor]:
-    return lt.sub_(ls).mul_(pt).sum(-1), ps.sub_(pt)
+    return _where_mass(pt, lt.sub_(ls)).mul_(pt).sum(-1), ps.sub_(pt)
 
 
 def _reverse_kl(ls: Tensor, lt: Tensor, ps: Tensor, pt: Tensor) -> tuple[Tensor, Tensor]:
-    diff = ls.sub_(lt)
+    diff = _where_mass(ps, ls.sub_(lt))
     rows = torch.mul(ps, diff, out=lt).sum(-1)
     return rows, ps.mul_(diff.sub_(rows.unsqueeze(-1)))
 
@@ -121,7 +126,7 @@ def kd_ce_rows_and_grad(zs: Tensor, zt: Tensor, temp, factor, xs: Tensor, xt: Te
     pt.sub_(pt.amax(-1, keepdim=True)).exp_()
     pt.mul_(factor / pt.sum(-1, keepdim=True))  # factor · p_T
     xs = scaled_(xs, zs, temp)
-    dot = torch.mul(pt, xs, out=out).sum(-1) / _row_view(factor)  # Σ p_T x_S (``out`` as scratch)
+    dot = _where_mass(pt, torch.mul(pt, xs, out=out)).sum(-1) / _row_view(factor)  # Σ p_T x_S (``out``: scratch)
     ms = xs.amax(-1, keepdim=True)
     torch.exp(xs.sub_(ms), out=out)
     ss = out.sum(-1, keepdim=True)
@@ -139,7 +144,7 @@ def rows_and_grad(kind: str, xs: Tensor, xt: Tensor, param: float | Tensor | Non
     ls, ps = _log_softmax_(xs, ps)
     lt, pt = _log_softmax_(xt, pt)
     if kind == "kd_ce":
-        return ls.mul_(pt).sum(-1).neg_(), ps.sub_(pt)
+        return _where_mass(pt, ls).mul_(pt).sum(-1).neg_(), ps.sub_(pt)
     if kind == "kd_kl":
         return _forward_kl(ls, lt, ps, pt)
     if kind == "reverse_kl":
@@ -150,16 +155,16 @@ def rows_and_grad(kind: str, xs: Tensor, xt: Tensor, param: float | Tensor | Non
         return rows, _softmax_chain(ps, 0.5 * diff.sign_())
     if kind == "skew_kl":
         a = param
-        lt_m = lt - _log_mixture(lt, ls, a)
+        lt_m = _where_mass(pt, lt - _log_mixture(lt, ls, a))
         rows = _dot(pt, lt_m)
-        return rows, _softmax_chain(ps, -(1 - a) * lt_m.exp_())
+        return rows, _softmax_chain(ps, _where_mass(pt, -(1 - a) * lt_m.exp_()))
     if kind == "jsd":
         b = param
         if isinstance(b, float) and b in (0.0, 1.0):
             return _forward_kl(ls, lt, ps, pt) if b == 0.0 else _reverse_kl(ls, lt, ps, pt)
         lm = _log_mixture(lt, ls, b)
-        ls_m = ls - lm
-        rows = b * _dot(pt, lt - lm) + (1 - b) * _dot(ps, ls_m)
+        ls_m = _where_mass(ps, ls - lm)
+        rows = b * _dot(pt, _where_mass(pt, lt - lm)) + (1 - b) * _dot(ps, ls_m)
         grad = _softmax_chain(ps, (1 - b) * ls_m)
         if isinstance(b, float):
             return rows, grad

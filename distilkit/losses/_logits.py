@@ -4,6 +4,12 @@ Every divergence is computed per row (all leading positions of ``[..., V]`` logi
 ``log p = log_softmax(z / T)``, multiplied by ``T²`` per row when ``t2_scale`` (Hinton et al., 2015, "Distilling the
 Knowledge in a Neural Network", arXiv:1503.02531: the factor keeps the soft-target gradients' scale independent
 of T), and reduced over the kept rows.
+
+−inf logits (padded or banned classes) are exact, with 0·log 0 = 0: a class that is −inf in both models, or that
+has no mass under the distribution weighing the term, adds 0 to the value and nothing but finite numbers to the
+gradient. A divergence that is truly infinite is +inf: kd_ce and kd_kl where the teacher has mass on a class the
+student gives −inf (their gradients stay finite), reverse_kl where the student has mass on a class the teacher gives
+−inf (its gradient is not finite there). jsd, skew_kl (α > 0) and tvd are always finite.
 """
 
 from __future__ import annotations
@@ -51,14 +57,26 @@ def _log(value: float | Tensor) -> float | Tensor:
     return math.log(value) if value > 0 else -math.inf
 
 
+_NEG_INF = float("-inf")
+
+
 def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float | Tensor) -> Tensor:
-    """log(w·p + (1−w)·q), stable, with w = 0 or 1 allowed."""
-    return torch.logaddexp(log_p + _log(weight), log_q + _log(1 - weight))
+    """log(w·p + (1−w)·q), stable, with w = 0 or 1 allowed; −inf (with zero gradient) where both terms are 0."""
+    a, b = log_p + _log(weight), log_q + _log(1 - weight)
+    dead = (a == _NEG_INF) & (b == _NEG_INF)  # logaddexp's gradient there would be 0/0
+    mixed = torch.logaddexp(torch.where(dead, 0.0, a), torch.where(dead, 0.0, b))
+    return torch.where(dead, _NEG_INF, mixed)
+
+
+def _p_times(p: Tensor, value: Tensor) -> Tensor:
+    """``p · value`` with 0 · anything = 0 where ``p`` = 0 (0·log 0 = 0), in value and gradient: ``value`` is selected
+    before the product, so a −inf or NaN there never reaches either."""
+    return p * torch.where(p > 0, value, 0.0)
 
 
 def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Σ p (log p − log q) over the last dimension."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    """Σ p (log p − log q) over the last dimension, exact at −inf: 0 where p = 0; +inf where p > 0 = q."""
+    return _p_times(log_p.exp(), log_p - log_q).sum(-1)
 
 
 @masked_loss
@@ -76,7 +94,7 @@ def kd_ce(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None, t2_sc
         t2_scale: multiply each row by ``T²``.
         reduction: ``"mean"`` over kept rows, ``"sum"``, or ``"none"`` (per row, 0 where masked).
     """
-    return _soft_rows("kd_ce", lambda ls, lt: -(lt.exp() * ls).sum(-1), student, teacher, temperature, mask,
+    return _soft_rows("kd_ce", lambda ls, lt: -_p_times(lt.exp(), ls).sum(-1), student, teacher, temperature, mask,
                       t2_scale)
 
 

@@ -153,7 +153,7 @@ static void one_row(const job_t *j, int64_t r, const float *next_s, const float 
         if (kind == KD_CE) {
             for (int64_t i = b; i < e; i++) {
                 float xs = (s[i] - ms) * it, et = dk_exp((t[i] - mt) * it), es = dk_exp(xs);
-                g[i] = es; w[i] = et; bs += es; bt += et; bd += et * xs;
+                g[i] = es; w[i] = et; bs += es; bt += et; bd += et > 0.0f ? et * xs : 0.0f; /* 0 log 0 = 0 */
             }
         } else if (kind == KD_KL || kind == REVERSE_KL) {
             /* kd_kl: <e_T, x'_T - x'_S>; reverse_kl: <e_S, x'_S - x'_T>; 0 where the weight is 0 (-inf logits). */
@@ -180,7 +180,8 @@ static void one_row(const job_t *j, int64_t r, const float *next_s, const float 
     } else if (kind == REVERSE_KL) {
         row = dot * rs - lss + lst;
         const float c = lst - lss - row; /* grad = p_S (log p_S - log p_T - row) */
-        FINAL(gs * (g[i] * rs) * ((s[i] - ms - (t[i] - mt)) * it + c));
+        /* 0 where p_S = 0 (a -inf student logit would give 0 * -inf). */
+        FINAL(g[i] > 0.0f ? gs * (g[i] * rs) * ((s[i] - ms - (t[i] - mt)) * it + c) : 0.0f);
     } else {
         /* tvd / jsd / skew_kl: rows and a = d row / d p_S in one more sweep (a kept in w), then
          * grad = p_S (a - <p_S, a>). */
@@ -213,7 +214,8 @@ static void one_row(const job_t *j, int64_t r, const float *next_s, const float 
             }
         }
         row = acc;
-        FINAL(gs * (g[i] * rs) * (w[i] - pa));
+        /* 0 where p_S = 0: jsd's a is -inf there (a -inf student logit). */
+        FINAL(g[i] > 0.0f ? gs * (g[i] * rs) * (w[i] - pa) : 0.0f);
     }
     j->rows[r] = j->rscale[r * j->rscale_stride] * row;
 }
