@@ -55,6 +55,54 @@ def test_switched_off_by_the_environment():
     assert out.stdout.strip() == "False switched off by DISTILKIT_CPU_KERNEL=0"
 
 
+@pytest.fixture
+def fresh_kernel_state(monkeypatch):
+    """The kernel module as if never loaded (its state restored afterwards)."""
+    saved = dict(_cpu_kernel._state)
+    _cpu_kernel._state.clear()
+    monkeypatch.delenv("DISTILKIT_CPU_KERNEL", raising=False)
+    yield
+    _cpu_kernel._state.clear()
+    _cpu_kernel._state.update(saved)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+def test_a_cache_directory_others_can_write_is_never_used(tmp_path, monkeypatch, fresh_kernel_state):
+    shared = tmp_path / "shared"
+    (shared / "kernels").mkdir(parents=True)
+    (shared / "kernels").chmod(0o777)
+    monkeypatch.setenv("DISTILKIT_CACHE_DIR", str(shared))
+    with pytest.warns(RuntimeWarning, match="the CPU kernel is unavailable"):
+        assert not _cpu_kernel.available()
+    assert "writable by other users" in _cpu_kernel.status()
+    assert not list((shared / "kernels").iterdir())  # nothing was built or loaded there
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+def test_a_planted_shared_object_is_not_loaded(tmp_path, monkeypatch, fresh_kernel_state):
+    # Build once into a private directory, then make the built file writable by others, as a planted one would be.
+    monkeypatch.setenv("DISTILKIT_CACHE_DIR", str(tmp_path))
+    assert _cpu_kernel.available(), _cpu_kernel.status()
+    assert (tmp_path / "kernels").stat().st_mode & 0o777 == 0o700
+    (built,) = (tmp_path / "kernels").glob("rows_kernel-*.so")
+    built.chmod(0o666)
+    _cpu_kernel._state.clear()
+    with pytest.warns(RuntimeWarning):
+        assert not _cpu_kernel.available()
+    assert "writable by other users" in _cpu_kernel.status()
+
+
+def test_a_missing_compiler_is_named_and_warned_about(tmp_path, monkeypatch, fresh_kernel_state):
+    monkeypatch.setenv("DISTILKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+        assert not _cpu_kernel.available()
+    assert "no-such-compiler-xyz" in _cpu_kernel.status() and "cache" not in _cpu_kernel.status()
+    s = torch.randn(3, 5, requires_grad=True)  # the losses still run (the torch loop)
+    dk.chunked_kd_kl(s, torch.randn(3, 5)).backward()
+    assert torch.isfinite(s.grad).all()
+
+
 @needs_kernel
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("vocab", [1, 17, 1000])

@@ -5,9 +5,11 @@ fifteen passes over each chunk and dispatches some twenty-five ops per chunk. ``
 row (the maxima read from memory; exponentials, sums and the gradient while the row is in the cache), so a
 ``[N, V]`` divergence reads both logits once and writes its gradient once. It is compiled with the system C compiler
 (``$CC``, else ``cc``/``gcc``) for this machine (``-march=native``) into ``$DISTILKIT_CACHE_DIR`` (default
-``~/.cache/distilkit``), keyed by the source, the flags and the processor, and loaded with :mod:`ctypes`. Where no
-compiler works, or ``DISTILKIT_CPU_KERNEL=0`` is set, :func:`available` is False and the losses run their torch
-chunk loop instead; :func:`status` says why.
+``~/.cache/distilkit``), keyed by the source, the flags and the processor, and loaded with :mod:`ctypes` — only from
+a directory and a file that belong to this user and that no other user can write (the directory is created 0700; a
+foreign or shared one is skipped). Where no compiler works, or ``DISTILKIT_CPU_KERNEL=0`` is set, :func:`available`
+is False and the losses run their torch chunk loop instead; :func:`status` says why, and a build that fails warns
+once.
 
 The kernel is exposed as the custom op ``distilkit::rows_grad`` so that ``torch.compile(fullgraph=True)`` treats it as
 one opaque call. It reads its scalar arguments (β / α) on the host, which on the CPU is free.
@@ -21,9 +23,11 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,8 +62,26 @@ def _cache_dirs() -> list[Path]:
     return [Path(root)] if root else [home, fallback]
 
 
+def _check_private(path: Path) -> None:
+    """Raise ``PermissionError`` unless ``path`` is this user's own (not a link, writable by nobody else): a shared
+    object is loaded into the process, so one that another user could have placed or changed is never loaded."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise PermissionError(f"{path} is a symbolic link")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to another user (uid {info.st_uid})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"{path} is writable by other users")
+
+
+def _private_dir(path: Path) -> Path:
+    """``path``, created with mode 0700 when missing, checked by :func:`_check_private`."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(path)
+    return path
+
+
 def _compile(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Build into a private name, then rename: concurrent processes (pytest-xdist) never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -76,8 +98,9 @@ def _compile(compiler: str, target: Path) -> None:
 
 def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set $CC)")
+    if compiler is None or shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler found ({'$CC=' + repr(compiler) + ' is not' if compiler else 'none'} on "
+                           "the PATH; install gcc or clang, or set $CC)")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _processor().encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
@@ -85,10 +108,12 @@ def _build() -> ctypes.CDLL:
     for cache in _cache_dirs():
         target = cache / "kernels" / f"rows_kernel-{key}.so"
         try:
+            _private_dir(target.parent)
             if not target.exists():
                 _compile(compiler, target)
+            _check_private(target)
             break
-        except OSError as err:  # an unwritable cache: try the next one
+        except OSError as err:  # an unwritable or foreign cache: try the next one
             errors.append(f"{cache}: {err}")
     else:
         raise RuntimeError("no writable cache directory (" + "; ".join(errors) + ")")
@@ -113,6 +138,9 @@ def library() -> ctypes.CDLL | None:
                         _state["lib"], _state["status"] = _build(), "built"
                     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                         _state["lib"], _state["status"] = None, f"unavailable: {err}"
+                        warnings.warn(f"distilkit: the CPU kernel is unavailable ({err}); the chunked logit losses run "
+                                      "their torch chunk loop instead, several times slower on the CPU. "
+                                      "DISTILKIT_CPU_KERNEL=0 silences this.", RuntimeWarning, stacklevel=2)
     return _state["lib"]  # type: ignore[return-value]
 
 
