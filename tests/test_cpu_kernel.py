@@ -14,6 +14,7 @@ import torch
 from references import REFERENCES
 
 import distilkit as dk
+import distilkit.backends
 from distilkit.losses import _cpu_kernel
 from distilkit.losses._chunked import CHUNKED
 
@@ -231,9 +232,25 @@ def test_compiled_with_inductor_equals_eager():
     torch.testing.assert_close(_grad(value, s), _grad(expected, s))
 
 
-@needs_kernel
-def test_gradient_memory_is_reused_only_when_nothing_else_holds_it(monkeypatch):
+@pytest.fixture
+def reuse(monkeypatch):
     monkeypatch.setattr(_cpu_kernel, "REUSE_BYTES", 1)
+    with dk.backends.reuse_gradient_memory():
+        assert dk.backends.report()["reuse_gradient_memory"] == "on"
+        yield
+
+
+def test_gradient_memory_is_not_reused_by_default():
+    assert dk.backends.report()["reuse_gradient_memory"] == "off"
+    s, t, _ = _inputs(12, 2048, 1024)  # 8 MiB: above the reuse size
+    for _ in range(3):
+        s.grad = None
+        CHUNKED["kd_ce"](s, t).backward()
+    assert not _cpu_kernel._buffer  # nothing is kept by the kernel
+
+
+@needs_kernel
+def test_gradient_memory_is_reused_only_when_nothing_else_holds_it(reuse):
     s, t, mask = _inputs(10, 32, 100)
     expected = _grad(CHUNKED["kd_kl"](s, t, mask=mask), s)
 
@@ -260,8 +277,7 @@ def test_gradient_memory_is_reused_only_when_nothing_else_holds_it(monkeypatch):
 
 
 @needs_kernel
-def test_gradient_memory_is_reused_after_the_graph_is_freed(monkeypatch):
-    monkeypatch.setattr(_cpu_kernel, "REUSE_BYTES", 1)
+def test_gradient_memory_is_reused_after_the_graph_is_freed(reuse):
     s, t, _ = _inputs(11, 16, 64)
     ptrs = []
     for _ in range(3):

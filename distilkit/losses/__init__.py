@@ -4,18 +4,27 @@ Every loss is a (sum, count) pair over kept positions: ``reduction="mean"`` (def
 ``"sum"`` the sum, ``"none"`` the unreduced values with masked entries 0 (``none.sum() == sum``). Each function's
 ``.sum_count(...)`` returns the pair itself, for normalising over several micro-batches or ranks. Inputs are
 upcast to float32 inside; teacher tensors never get gradients; a fully masked input gives 0, never NaN.
+
+The logit divergences (``kd_ce``, ``kd_kl``, ``reverse_kl``, ``jsd``, ``skew_kl``, ``tvd``) take ``impl="auto" |
+"dense" | "chunked"``; ``chunked_*`` are deprecated aliases of ``impl="chunked"``.
 """
 
 from ._attention import attention_ce as attention_ce
 from ._attention import attention_kl as attention_kl
 from ._attention import attention_mse as attention_mse
 from ._attention import relation_kl as relation_kl
-from ._chunked import chunked_jsd as chunked_jsd
-from ._chunked import chunked_kd_ce as chunked_kd_ce
-from ._chunked import chunked_kd_kl as chunked_kd_kl
-from ._chunked import chunked_reverse_kl as chunked_reverse_kl
-from ._chunked import chunked_skew_kl as chunked_skew_kl
-from ._chunked import chunked_tvd as chunked_tvd
+from ._divergences import chunked_jsd as chunked_jsd
+from ._divergences import chunked_kd_ce as chunked_kd_ce
+from ._divergences import chunked_kd_kl as chunked_kd_kl
+from ._divergences import chunked_reverse_kl as chunked_reverse_kl
+from ._divergences import chunked_skew_kl as chunked_skew_kl
+from ._divergences import chunked_tvd as chunked_tvd
+from ._divergences import jsd as jsd
+from ._divergences import kd_ce as kd_ce
+from ._divergences import kd_kl as kd_kl
+from ._divergences import reverse_kl as reverse_kl
+from ._divergences import skew_kl as skew_kl
+from ._divergences import tvd as tvd
 from ._features import cosine as cosine
 from ._features import hidden_mse as hidden_mse
 from ._features import pkd as pkd
@@ -24,14 +33,8 @@ from ._gram import fsp as fsp
 from ._gram import mmd as mmd
 from ._gram import nst as nst
 from ._logits import hard_ce as hard_ce
-from ._logits import jsd as jsd
-from ._logits import kd_ce as kd_ce
-from ._logits import kd_kl as kd_kl
 from ._logits import kd_mse as kd_mse
 from ._logits import probability_shift as probability_shift
-from ._logits import reverse_kl as reverse_kl
-from ._logits import skew_kl as skew_kl
-from ._logits import tvd as tvd
 from ._precomputed import precomputed as precomputed
 from ._reduce import Reduction as Reduction
 from ._sparse import sparse_jsd as sparse_jsd

@@ -308,7 +308,7 @@ _PARAM_NAMES = {"jsd": "beta", "skew_kl": "alpha"}
 def _divergence(api: str, kind: str, student, teacher, temperature, mask, t2_scale, chunk_size, param,
                 mode: str):
     """``mode``: "none" (rows of the leading shape), "sum", "mean", or "sum_count"."""
-    dense = f"use dk.{kind} (the dense path) there"
+    dense = f"use dk.{kind}(..., impl='dense') there"
     check.outside_transforms(api, dense)
     check.no_grad_hyperparameters(api, dense, temperature=temperature, **{_PARAM_NAMES.get(kind, "param"): param})
     s, t = check_logits(api, student, teacher)

@@ -138,9 +138,10 @@ def library() -> ctypes.CDLL | None:
                         _state["lib"], _state["status"] = _build(), "built"
                     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                         _state["lib"], _state["status"] = None, f"unavailable: {err}"
-                        warnings.warn(f"distilkit: the CPU kernel is unavailable ({err}); the chunked logit losses run "
-                                      "their torch chunk loop instead, several times slower on the CPU. "
-                                      "DISTILKIT_CPU_KERNEL=0 silences this.", RuntimeWarning, stacklevel=2)
+                        if not torch.compiler.is_compiling():  # (dynamo cannot trace warnings.warn)
+                            warnings.warn(f"distilkit: the CPU kernel is unavailable ({err}); the chunked logit losses "
+                                          "run their torch chunk loop instead, several times slower on the CPU. "
+                                          "DISTILKIT_CPU_KERNEL=0 silences this.", RuntimeWarning, stacklevel=2)
     return _state["lib"]  # type: ignore[return-value]
 
 
@@ -171,6 +172,35 @@ def disabled():
         _state["off"] = previous
 
 
+def _reuse_default() -> bool:
+    return os.environ.get("DISTILKIT_REUSE_GRAD", "0") == "1"
+
+
+@contextlib.contextmanager
+def reuse_gradient_memory(enabled: bool = True):
+    """Within the block, the kernel writes a large gradient into the memory of the last one it wrote, once nothing
+    refers to that any more (off by default; ``DISTILKIT_REUSE_GRAD=1`` turns it on for the whole process).
+
+    Trade-off: a fresh gradient is fresh memory, and on the CPU paging it in (a page fault and the zeroing of each
+    page) can cost more than the loss itself; reuse avoids that, at the price of keeping one gradient's memory
+    resident between steps. Only memory that nothing else holds is reused (checked by its storage use count), so a
+    kept ``.grad``, a view or a pending graph is never overwritten."""
+    previous = _state.get("reuse", _reuse_default())
+    _state["reuse"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _state["reuse"] = previous
+        if not _state["reuse"]:
+            release_buffer()
+
+
+def report() -> dict[str, str]:
+    """The kernel's status and switches, as words: ``cpu_kernel`` (``"built"``, ``"unavailable: <why>"`` or
+    ``"switched off by DISTILKIT_CPU_KERNEL=0"``) and ``reuse_gradient_memory`` (``"on"`` / ``"off"``)."""
+    return {"cpu_kernel": status(), "reuse_gradient_memory": "on" if _state.get("reuse", _reuse_default()) else "off"}
+
+
 def release_buffer() -> None:
     """Drop the kept gradient memory (see :func:`gradient_buffer`); memory benchmarks start from here."""
     with _lock:
@@ -190,12 +220,12 @@ def gradient_buffer(like: Tensor) -> tuple[Tensor, bool]:
     page fault and the zeroing of the page: at 2048 × 32k that alone took longer than the whole kernel. So the
     storage of the last large gradient is kept (one buffer: the resident memory grows by at most one gradient),
     and handed out again once its use count shows that only this cache still holds it: autograd has consumed it
-    and no ``.grad``, hook or view keeps it. Otherwise, under ``torch.compile``, or with
-    ``DISTILKIT_REUSE_GRAD=0``, a new tensor is allocated as usual.
+    and no ``.grad``, hook or view keeps it — only inside :func:`reuse_gradient_memory` (or with
+    ``DISTILKIT_REUSE_GRAD=1``). Otherwise, and under ``torch.compile``, a new tensor is allocated as usual.
     """
     shape = tuple(like.shape)
-    if (torch.compiler.is_compiling() or like.numel() * 4 < REUSE_BYTES
-            or os.environ.get("DISTILKIT_REUSE_GRAD", "1") == "0" or not hasattr(torch._C, "_storage_Use_Count")):
+    if (torch.compiler.is_compiling() or like.numel() * 4 < REUSE_BYTES or not _state.get("reuse", _reuse_default())
+            or not hasattr(torch._C, "_storage_Use_Count")):
         return torch.empty(shape, dtype=torch.float32), False
     with _lock:
         storage = _buffer.get("storage")

@@ -284,7 +284,7 @@ def fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
         param = check.unit_interval(api, "beta", beta)
     elif kind == "skew_kl":
         param = check.unit_interval(api, "alpha", alpha)
-    dense = f"compute the logits and use dk.{kind} (the dense path) there"
+    dense = f"compute the logits and use dk.{kind}(..., impl='dense') there"
     check.outside_transforms(api, dense)
     check.no_grad_hyperparameters(api, dense, temperature=temperature, beta=beta, alpha=alpha)
     lead = tuple(hs.shape[:-1])

@@ -1,0 +1,126 @@
+"""One name per logit divergence; the implementation is an argument, as in ``F.scaled_dot_product_attention``.
+
+:func:`kd_ce`, :func:`kd_kl`, :func:`reverse_kl`, :func:`jsd`, :func:`skew_kl` and :func:`tvd` take
+``impl="auto" | "dense" | "chunked"`` and ``chunk_size``:
+
+* ``"dense"``: a log-softmax over the whole ``[..., V]`` logits and autograd (``_logits.py``). Works everywhere:
+  ``torch.func`` transforms, double backward, a temperature (or β, α) that requires grad.
+* ``"chunked"``: ``chunk_size`` rows at a time with the closed-form gradient (``_chunked.py``): the CPU kernel for
+  float32 CPU tensors, the torch chunk loop elsewhere. One chunk of temporaries, the logits read once and the
+  gradient written once; no ``torch.func`` transforms, no double backward, no gradient for a hyperparameter.
+* ``"auto"`` (default): ``"chunked"`` for a plain eager call the CPU kernel takes (float32 CPU logits whose student
+  requires grad, grad mode on) and that needs nothing only the dense path gives (no transform, no hyperparameter
+  requiring grad); ``"chunked"`` too whenever ``chunk_size`` is given; ``"dense"`` otherwise — in particular while
+  compiling (pass ``impl="chunked"`` to get the kernel, a custom op, inside ``torch.compile``).
+
+The paths agree to float rounding, −inf logits included (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from . import _checks as check
+from . import _chunked, _cpu_kernel
+from . import _logits as dense
+
+IMPLS = ("auto", "dense", "chunked")
+_HYPERPARAMETERS = ("temperature", "beta", "alpha")
+
+
+def _path(api: str, impl: object, chunk_size: object, student: object, teacher: object, options: dict) -> str:
+    check.choice(api, "impl", impl, IMPLS)
+    if impl == "dense" and chunk_size is not None:
+        raise ValueError(f"{api}: chunk_size applies to impl='chunked' (or 'auto'), not impl='dense'; got "
+                         f"chunk_size={chunk_size!r}.")
+    if impl != "auto":
+        return impl
+    if chunk_size is not None:
+        return "chunked"
+    if (not (isinstance(student, Tensor) and isinstance(teacher, Tensor)) or student.ndim == 0
+            or student.shape != teacher.shape or student.numel() == 0):
+        return "dense"  # (the dense path reports bad input; nothing to gain on an empty one)
+    if (torch.compiler.is_compiling() or check.in_transform() or not torch.is_grad_enabled()
+            or not student.requires_grad
+            or any(isinstance(options.get(n), Tensor) and options[n].requires_grad for n in _HYPERPARAMETERS)):
+        return "dense"
+    rows = (-1, student.shape[-1])  # the kernel's [N, V] view
+    return "chunked" if _cpu_kernel.usable(student.reshape(rows), teacher.reshape(rows)) else "dense"
+
+
+def _divergence(kind: str) -> Callable:
+    """The public function of ``kind``: the dense one's signature and docstring, plus ``impl`` and ``chunk_size``."""
+    dense_fn, chunked_fn = getattr(dense, kind), _chunked.CHUNKED[kind]
+
+    @functools.wraps(dense_fn)
+    def fn(student, teacher, *, impl: str = "auto", chunk_size: int | None = None, reduction: str = "mean",
+           **options):
+        if _path(kind, impl, chunk_size, student, teacher, options) == "dense":
+            return dense_fn(student, teacher, reduction=reduction, **options)
+        return chunked_fn(student, teacher, chunk_size=chunk_size, reduction=reduction, **options)
+
+    def sum_count(student, teacher, *, impl: str = "auto", chunk_size: int | None = None, **options):
+        if _path(kind, impl, chunk_size, student, teacher, options) == "dense":
+            return dense_fn.sum_count(student, teacher, **options)
+        return chunked_fn.sum_count(student, teacher, chunk_size=chunk_size, **options)
+
+    signature = inspect.signature(dense_fn)
+    extra = [inspect.Parameter("impl", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation="str"),
+             inspect.Parameter("chunk_size", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None")]
+    params = list(signature.parameters.values())
+    fn.__signature__ = signature.replace(parameters=[*params[:-1], *extra, params[-1]])  # reduction stays last
+    del fn.__wrapped__  # (the signature above is the whole truth)
+    fn.__doc__ = (dense_fn.__doc__ or "") + (
+        '\n    ``impl``: ``"auto"`` (default), ``"dense"`` or ``"chunked"``; ``chunk_size``: rows per chunk of the '
+        'chunked path.\n    See :mod:`distilkit.losses._divergences` for the path ``"auto"`` takes.\n')
+    sum_count.__doc__ = f"``(sum, count)`` of :func:`{kind}` (same arguments, no ``reduction``)."
+    fn.sum_count = sum_count
+    fn.kind = kind
+    return fn
+
+
+kd_ce = _divergence("kd_ce")
+kd_kl = _divergence("kd_kl")
+reverse_kl = _divergence("reverse_kl")
+jsd = _divergence("jsd")
+skew_kl = _divergence("skew_kl")
+tvd = _divergence("tvd")
+
+
+def _deprecated(kind: str) -> Callable:
+    """``chunked_<kind>``: kept for one release; ``<kind>(..., impl="chunked")`` is the same call."""
+    chunked_fn = _chunked.CHUNKED[kind]
+    message = (f"dk.chunked_{kind} is deprecated and will be removed in the next release; use "
+               f"dk.{kind}(..., impl='chunked') (or the default impl='auto').")
+
+    def warn():
+        if not torch.compiler.is_compiling():  # (dynamo cannot trace warnings.warn; the eager call warned already)
+            warnings.warn(message, DeprecationWarning, stacklevel=3)
+
+    @functools.wraps(chunked_fn)
+    def fn(*args, **kwargs):
+        warn()
+        return chunked_fn(*args, **kwargs)
+
+    def sum_count(*args, **kwargs):
+        warn()
+        return chunked_fn.sum_count(*args, **kwargs)
+
+    fn.sum_count = sum_count
+    fn.kind = kind
+    fn.__name__ = fn.__qualname__ = f"chunked_{kind}"
+    return fn
+
+
+chunked_kd_ce = _deprecated("kd_ce")
+chunked_kd_kl = _deprecated("kd_kl")
+chunked_reverse_kl = _deprecated("reverse_kl")
+chunked_jsd = _deprecated("jsd")
+chunked_skew_kl = _deprecated("skew_kl")
+chunked_tvd = _deprecated("tvd")

@@ -1,0 +1,103 @@
+"""One name per logit divergence: ``impl="dense" | "chunked" | "auto"`` give the same values and gradients, ``"auto"``
+takes the CPU kernel exactly where it may, and the ``chunked_*`` names are deprecated aliases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import distilkit as dk
+from distilkit.losses import _cpu_kernel
+
+KINDS = ["kd_ce", "kd_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
+EXTRA = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}}
+
+
+def inputs(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    s = (2 * torch.randn(3, 5, 40, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
+    t = (2 * torch.randn(3, 5, 40, generator=gen, dtype=torch.float64)).to(dtype)
+    mask = torch.rand(3, 5, generator=gen) > 0.3
+    return s, t, mask
+
+
+def value_and_grad(kind, s, t, **options):
+    x = s.detach().clone().requires_grad_()
+    value = getattr(dk, kind)(x, t, **EXTRA.get(kind, {}), **options)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32-kernel", "f64-loop"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_dense_and_chunked_agree(kind, dtype, reduction):
+    s, t, mask = inputs(dtype)
+    options = {"temperature": torch.tensor([1.0, 2.0, 4.0], dtype=dtype)[:, None].expand(3, 5), "mask": mask,
+               "reduction": reduction}
+    dense = value_and_grad(kind, s, t, impl="dense", **options)
+    chunked = value_and_grad(kind, s, t, impl="chunked", chunk_size=4, **options)
+    tol = {"rtol": 2e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for a, b in zip(dense, chunked, strict=True):
+        torch.testing.assert_close(b, a, **tol)
+    total, count = getattr(dk, kind).sum_count(s, t, impl="chunked", **EXTRA.get(kind, {}), mask=mask)
+    dense_total, dense_count = getattr(dk, kind).sum_count(s, t, impl="dense", **EXTRA.get(kind, {}), mask=mask)
+    torch.testing.assert_close(total, dense_total, **tol)
+    assert count.item() == dense_count.item() == mask.sum().item()
+
+
+def _kernel_calls(monkeypatch):
+    calls = []
+    op = _cpu_kernel.rows_grad
+    monkeypatch.setattr(_cpu_kernel, "rows_grad", lambda *a: calls.append(1) or op(*a))
+    return calls
+
+
+@pytest.mark.skipif(not _cpu_kernel.available(), reason=f"CPU kernel {_cpu_kernel.status()}")
+def test_auto_takes_the_kernel_only_where_it_may(monkeypatch):
+    calls = _kernel_calls(monkeypatch)
+    s, t, mask = inputs()
+    auto = value_and_grad("kd_kl", s, t, mask=mask, temperature=2.0)
+    assert len(calls) == 1  # a plain eager call with grad: the kernel
+    dense = value_and_grad("kd_kl", s, t, mask=mask, temperature=2.0, impl="dense")
+    torch.testing.assert_close(auto, dense, rtol=2e-5, atol=1e-6)
+    with torch.no_grad():
+        dk.kd_kl(s, t)  # no gradient wanted: dense, nothing written
+    dk.kd_kl(s.detach(), t)
+    dk.kd_kl(s.double(), t.double())  # float64: not the kernel's
+    dk.kd_kl(s, t, temperature=torch.tensor(2.0, requires_grad=True))  # a learnable temperature needs dense
+    torch.func.grad(lambda x: dk.kd_kl(x, t))(s.detach())  # a transform needs dense
+    torch.compile(lambda x: dk.kd_kl(x, t), fullgraph=True, backend="aot_eager")(s)  # compiled: dense
+    assert len(calls) == 1
+    dk.kd_kl(s, t, chunk_size=2).sum()  # a chunk size asks for the chunked path
+    assert len(calls) == 2
+
+
+def test_impl_is_checked():
+    s, t, _ = inputs()
+    with pytest.raises(ValueError, match=r"kd_kl: expected impl to be one of \('auto', 'dense', 'chunked'\)"):
+        dk.kd_kl(s, t, impl="fast")
+    with pytest.raises(ValueError, match="kd_kl: chunk_size applies to impl='chunked'"):
+        dk.kd_kl(s, t, impl="dense", chunk_size=8)
+    with pytest.raises(ValueError, match="chunked_kd_kl: expected chunk_size to be a positive int"):
+        dk.kd_kl(s, t, impl="chunked", chunk_size=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_names_are_deprecated_aliases(kind):
+    s, t, mask = inputs()
+    with pytest.warns(DeprecationWarning, match=rf"dk.chunked_{kind} is deprecated.*impl='chunked'"):
+        old = getattr(dk, f"chunked_{kind}")(s, t, mask=mask, **EXTRA.get(kind, {}))
+    new = getattr(dk, kind)(s, t, mask=mask, impl="chunked", **EXTRA.get(kind, {}))
+    torch.testing.assert_close(old, new)
+
+
+def test_impl_is_static_structure_of_a_term():
+    term = dk.kd_kl.on("logits", impl="chunked", chunk_size=64, temperature=2.0)
+    leaves = torch.utils._pytree.tree_leaves(term)
+    assert leaves == [2.0]
+    rebuilt = dk.from_config(dk.to_config(term).model_dump_json())
+    assert rebuilt == dk.algebra.Spec((term,))
+    s, t, _ = inputs()
+    out = dk.make_step(term, compile="aot_eager")({"logits": s}, {"logits": t})
+    torch.testing.assert_close(out.loss, dk.kd_kl(s, t, temperature=2.0, impl="dense"), rtol=2e-5, atol=1e-6)
