@@ -39,6 +39,8 @@ __all__ = [
     "mmd",
     "nst",
     "pkd",
+    "prob_mse",
+    "pseudo_label_ce",
     "relation_kl",
     "reverse_kl",
     "skew_kl",
@@ -235,6 +237,43 @@ def kd_mse(s, t, *, temperature=1.0, mask=None):
         total = total + ((s_rows[r] / T[r] - t_rows[r] / T[r]) ** 2).sum()
         n += 1
     return total, float(n * V)
+
+
+def prob_mse(s, t, *, temperature=1.0, mask=None):
+    """Σ_kept rows Σ_v (softmax(z_S/T_r)_v − softmax(z_T/T_r)_v)²; count = #kept rows × V."""
+    s = _student(s)
+    t = _teacher(t)
+    lead = s.shape[:-1]
+    V = s.shape[-1]
+    s_rows, t_rows = s.reshape(-1, V), t.reshape(-1, V)
+    T = _temperatures(temperature, lead, s.device)
+    keep = _keep(mask, lead).reshape(-1)
+    total = _zero(s)
+    n = 0
+    for r in _kept(keep):
+        ps = torch.exp(s_rows[r] / T[r]) / torch.exp(s_rows[r] / T[r]).sum()
+        pt = torch.exp(t_rows[r] / T[r]) / torch.exp(t_rows[r] / T[r]).sum()
+        total = total + ((ps - pt) ** 2).sum()
+        n += 1
+    return total, float(n * V)
+
+
+def pseudo_label_ce(s, t, *, mask=None):
+    """Σ_kept rows −log softmax(z_S)[first index of max z_T]; count = #kept rows."""
+    s = _student(s)
+    t = _teacher(t)
+    lead = s.shape[:-1]
+    V = s.shape[-1]
+    s_rows, t_rows = s.reshape(-1, V), t.reshape(-1, V)
+    keep = _keep(mask, lead).reshape(-1)
+    total = _zero(s)
+    n = 0
+    for r in _kept(keep):
+        values = t_rows[r].tolist()
+        label = values.index(max(values))
+        total = total - (s_rows[r][label] - torch.logsumexp(s_rows[r], 0))
+        n += 1
+    return total, float(n)
 
 
 def hard_ce(logits, labels, *, ignore_index=-100):
@@ -556,6 +595,8 @@ REFERENCES: dict[str, Callable[..., tuple[torch.Tensor, float]]] = {
     "skew_kl": skew_kl,
     "tvd": tvd,
     "kd_mse": kd_mse,
+    "prob_mse": prob_mse,
+    "pseudo_label_ce": pseudo_label_ce,
     "hard_ce": hard_ce,
     "hidden_mse": hidden_mse,
     "cosine": cosine,

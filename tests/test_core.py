@@ -49,7 +49,7 @@ def one_term_cases():
     fused_s = {"hidden": [r(2, 5, 4)], "head": r(7, 4)}
     fused_t = {"hidden": [r(2, 5, 6)], "head": r(7, 6)}
     cases = []
-    for name in ("kd_ce", "kd_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "kd_mse"):
+    for name in ("kd_ce", "kd_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "kd_mse", "prob_mse"):
         cases.append((name, getattr(dk, name).on("logits", mask="mask", temperature=2.0), lg, lg, batch))
     for name in ("chunked_kd_ce", "chunked_kd_kl", "chunked_reverse_kl", "chunked_jsd", "chunked_skew_kl",
                  "chunked_tvd"):
@@ -58,6 +58,7 @@ def one_term_cases():
     for name in ("sparse_kd_ce", "sparse_kd_kl", "sparse_jsd", "sparse_skew_kl", "sparse_tvd"):
         cases.append((name, getattr(dk, name).on("logits", mask="mask"), lg, sparse_teacher, batch))
     cases.append(("hard_ce", dk.hard_ce.on("logits"), lg, lg, batch))
+    cases.append(("pseudo_label_ce", dk.pseudo_label_ce.on("logits", mask="mask"), lg, lg, batch))
     for name in ("hidden_mse", "cosine", "pkd", "nst"):
         cases.append((name, getattr(dk, name).on(("hidden", 0), mask="mask" if name != "pkd" else None), hid, hid,
                       batch))

@@ -28,6 +28,8 @@ from ._loss import mmd as mmd
 from ._loss import nst as nst
 from ._loss import pkd as pkd
 from ._loss import precomputed as precomputed
+from ._loss import prob_mse as prob_mse
+from ._loss import pseudo_label_ce as pseudo_label_ce
 from ._loss import register_loss as register_loss
 from ._loss import relation_kl as relation_kl
 from ._loss import reverse_kl as reverse_kl

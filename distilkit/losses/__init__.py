@@ -34,7 +34,9 @@ from ._gram import mmd as mmd
 from ._gram import nst as nst
 from ._logits import hard_ce as hard_ce
 from ._logits import kd_mse as kd_mse
+from ._logits import prob_mse as prob_mse
 from ._logits import probability_shift as probability_shift
+from ._logits import pseudo_label_ce as pseudo_label_ce
 from ._precomputed import precomputed as precomputed
 from ._reduce import Reduction as Reduction
 from ._sparse import sparse_jsd as sparse_jsd
@@ -68,7 +70,9 @@ __all__ = [
     "nst",
     "pkd",
     "precomputed",
+    "prob_mse",
     "probability_shift",
+    "pseudo_label_ce",
     "relation_kl",
     "reverse_kl",
     "skew_kl",

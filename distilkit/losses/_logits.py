@@ -174,6 +174,35 @@ def kd_mse(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None) -> P
 
 
 @masked_loss
+def prob_mse(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None) -> Parts:
+    r"""Mean squared error of the probabilities ``(softmax(z_S/T) − softmax(z_T/T))²`` over kept rows × classes.
+
+    Matching the softened output distributions in L2 instead of KL, as the Transformer Distiller's ``LogitMSE``
+    (MSE after the softmax) does; Kim et al. (2021), "Comparing Kullback-Leibler Divergence and Mean Squared Error
+    Loss in Knowledge Distillation" (arXiv:2105.08919), study it against KL. No T² factor. ``reduction="none"`` is
+    per element ``[..., V]``; a −inf logit is a probability of 0.
+    """
+    zs, zt, _, keep = _scaled_logits("prob_mse", student, teacher, temperature, mask)
+    diff = F.softmax(zs, dim=-1) - F.softmax(zt, dim=-1)
+    return Parts(diff.square(), None if keep is None else keep.unsqueeze(-1))
+
+
+@masked_loss
+def pseudo_label_ce(student: Tensor, teacher: Tensor, *, mask=None) -> Parts:
+    r"""Cross-entropy of the student with the teacher's top class as the label: ``−log softmax(z_S)[argmax z_T]``.
+
+    Pseudo-labelling: the teacher labels the data and the student learns the labels as hard targets, as in NLP
+    Architect's pseudo-labelling distillation (Intel AI Lab); Lee (2013), "Pseudo-Label: The Simple and Efficient
+    Semi-Supervised Learning Method for Deep Neural Networks". Ties go to the first largest class; the teacher's
+    argmax carries no gradient. +inf where the student gives the teacher's class a −inf logit.
+    """
+    api = "pseudo_label_ce"
+    zs, zt, _, keep = _scaled_logits(api, student, teacher, 1.0, mask)
+    label = zt.argmax(-1, keepdim=True)
+    return Parts(-F.log_softmax(zs, dim=-1).gather(-1, label).squeeze(-1), keep)
+
+
+@masked_loss
 def hard_ce(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Parts:
     r"""Cross-entropy with integer ``labels`` ``[...]`` for ``logits`` ``[..., V]``; ``ignore_index`` rows are masked.
 
