@@ -101,3 +101,67 @@ def test_impl_is_static_structure_of_a_term():
     s, t, _ = inputs()
     out = dk.make_step(term, compile="aot_eager")({"logits": s}, {"logits": t})
     torch.testing.assert_close(out.loss, dk.kd_kl(s, t, temperature=2.0, impl="dense"), rtol=2e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ top-k teachers
+def top_k(t: torch.Tensor, k: int, temperature: float = 1.0):
+    logprobs = torch.log_softmax(t / temperature, -1)
+    top = logprobs.topk(k)
+    tail = torch.log1p(-top.values.exp().sum(-1).clamp_max(1.0))
+    return top.indices, top.values, tail
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_full_top_k_teacher_equals_the_dense_teacher(kind):
+    s, t, mask = inputs()
+    indices, logprobs, _ = top_k(t, t.shape[-1])
+    teacher = dk.TopK(indices, logprobs, tail=torch.full(t.shape[:-1], float("-inf")))  # k = V: nothing left
+    got = value_and_grad(kind, s, teacher, mask=mask)
+    expected = value_and_grad(kind, s, t, mask=mask, impl="dense")
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# (reverse_kl and jsd are +inf under renormalize — the student has mass outside the top k — and refused: see below)
+POLICY_CASES = [(k, p) for k in KINDS for p in ("renormalize", "tail")
+                if not (p == "renormalize" and k in ("reverse_kl", "jsd"))]
+
+
+@pytest.mark.parametrize(("kind", "policy"), POLICY_CASES, ids=[f"{k}-{p}" for k, p in POLICY_CASES])
+def test_a_top_k_teacher_equals_the_deprecated_sparse_name(kind, policy):
+    s, t, mask = inputs()
+    indices, logprobs, tail = top_k(t, 7, temperature=2.0)
+    teacher = dk.TopK(indices, logprobs, tail=tail, temperature=2.0, policy=policy)
+    got = value_and_grad(kind, s, teacher, mask=mask, temperature=2.0)
+    mapping = {"indices": indices, "logprobs": logprobs, "tail": tail, "temperature": 2.0}
+    with pytest.warns(DeprecationWarning, match=rf"dk.sparse_{kind} is deprecated.*dk.TopK"):
+        expected = value_and_grad(f"sparse_{kind}", s, mapping, mask=mask, temperature=2.0, policy=policy,
+                                  **EXTRA.get(kind, {}))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_top_k_policies_and_errors():
+    s, t, _ = inputs()
+    indices, logprobs, tail = top_k(t, 5)
+    assert dk.TopK(indices, logprobs).resolved_policy() == "renormalize"
+    assert dk.TopK(indices, logprobs, tail=tail).resolved_policy() == "tail"
+    with pytest.raises(ValueError, match="reverse_kl"):
+        dk.reverse_kl(s, dk.TopK(indices, logprobs))  # +inf under renormalize: refused
+    with pytest.raises(ValueError, match=r"kd_kl: a dk\.TopK teacher has one implementation"):
+        dk.kd_kl(s, dk.TopK(indices, logprobs), impl="chunked")
+    moved = torch.utils._pytree.tree_map(lambda x: x.double() if isinstance(x, torch.Tensor) and x.is_floating_point()
+                                         else x, dk.TopK(indices, logprobs, tail=tail))
+    assert moved.logprobs.dtype == torch.float64 and moved.policy is None and moved.indices.dtype == torch.long
+
+
+def test_a_top_k_teacher_in_a_compiled_step():
+    s, t, mask = inputs()
+    indices, logprobs, tail = top_k(t, 6)
+    teacher = {"logits": dk.TopK(indices, logprobs, tail=tail)}
+    spec = dk.kd_kl.on("logits", mask="mask") + 0.5 * dk.jsd.on("logits", beta=0.4, mask="mask")
+    eager = dk.make_step(spec, compile=False)({"logits": s}, teacher, {"mask": mask})
+    compiled = dk.make_step(spec, compile="aot_eager")({"logits": s}, teacher, {"mask": mask})
+    torch.testing.assert_close(compiled.loss, eager.loss)
+    g_eager, g_compiled = (torch.autograd.grad(o.loss, s)[0] for o in (eager, compiled))
+    torch.testing.assert_close(g_compiled, g_eager)

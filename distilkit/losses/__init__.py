@@ -6,7 +6,7 @@ Every loss is a (sum, count) pair over kept positions: ``reduction="mean"`` (def
 upcast to float32 inside; teacher tensors never get gradients; a fully masked input gives 0, never NaN.
 
 The logit divergences (``kd_ce``, ``kd_kl``, ``reverse_kl``, ``jsd``, ``skew_kl``, ``tvd``) take ``impl="auto" |
-"dense" | "chunked"``; ``chunked_*`` are deprecated aliases of ``impl="chunked"``.
+"dense" | "chunked"``, and a top-k teacher as :class:`TopK`; ``chunked_*`` and ``sparse_*`` are deprecated aliases.
 """
 
 from ._attention import attention_ce as attention_ce
@@ -24,6 +24,12 @@ from ._divergences import kd_ce as kd_ce
 from ._divergences import kd_kl as kd_kl
 from ._divergences import reverse_kl as reverse_kl
 from ._divergences import skew_kl as skew_kl
+from ._divergences import sparse_jsd as sparse_jsd
+from ._divergences import sparse_kd_ce as sparse_kd_ce
+from ._divergences import sparse_kd_kl as sparse_kd_kl
+from ._divergences import sparse_reverse_kl as sparse_reverse_kl
+from ._divergences import sparse_skew_kl as sparse_skew_kl
+from ._divergences import sparse_tvd as sparse_tvd
 from ._divergences import tvd as tvd
 from ._features import cosine as cosine
 from ._features import hidden_mse as hidden_mse
@@ -39,15 +45,11 @@ from ._logits import probability_shift as probability_shift
 from ._logits import pseudo_label_ce as pseudo_label_ce
 from ._precomputed import precomputed as precomputed
 from ._reduce import Reduction as Reduction
-from ._sparse import sparse_jsd as sparse_jsd
-from ._sparse import sparse_kd_ce as sparse_kd_ce
-from ._sparse import sparse_kd_kl as sparse_kd_kl
-from ._sparse import sparse_reverse_kl as sparse_reverse_kl
-from ._sparse import sparse_skew_kl as sparse_skew_kl
-from ._sparse import sparse_tvd as sparse_tvd
+from ._sparse import TopK as TopK
 
 __all__ = [
     "Reduction",
+    "TopK",
     "attention_ce",
     "attention_kl",
     "attention_mse",

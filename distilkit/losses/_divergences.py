@@ -13,7 +13,8 @@
   requiring grad); ``"chunked"`` too whenever ``chunk_size`` is given; ``"dense"`` otherwise — in particular while
   compiling (pass ``impl="chunked"`` to get the kernel, a custom op, inside ``torch.compile``).
 
-The paths agree to float rounding, −inf logits included (tested).
+The paths agree to float rounding, −inf logits included (tested). A :class:`~distilkit.losses._sparse.TopK`
+teacher (``dk.TopK``) takes the top-k implementation (``_sparse.py``) under the same names.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch
 from torch import Tensor
 
 from . import _checks as check
-from . import _chunked, _cpu_kernel
+from . import _chunked, _cpu_kernel, _sparse
 from . import _logits as dense
+from ._sparse import TopK
 
 IMPLS = ("auto", "dense", "chunked")
 _HYPERPARAMETERS = ("temperature", "beta", "alpha")
@@ -56,16 +58,28 @@ def _path(api: str, impl: object, chunk_size: object, student: object, teacher: 
 
 def _divergence(kind: str) -> Callable:
     """The public function of ``kind``: the dense one's signature and docstring, plus ``impl`` and ``chunk_size``."""
-    dense_fn, chunked_fn = getattr(dense, kind), _chunked.CHUNKED[kind]
+    dense_fn, chunked_fn, sparse_fn = getattr(dense, kind), _chunked.CHUNKED[kind], getattr(_sparse, f"sparse_{kind}")
+
+    def top_k(teacher: TopK, impl, chunk_size) -> dict:
+        if impl != "auto" or chunk_size is not None:
+            raise ValueError(f"{kind}: a dk.TopK teacher has one implementation; impl and chunk_size do not apply "
+                             f"(got impl={impl!r}, chunk_size={chunk_size!r}).")
+        return teacher.as_mapping()
 
     @functools.wraps(dense_fn)
     def fn(student, teacher, *, impl: str = "auto", chunk_size: int | None = None, reduction: str = "mean",
            **options):
+        if isinstance(teacher, TopK):
+            mapping = top_k(teacher, impl, chunk_size)
+            return sparse_fn(student, mapping, policy=teacher.resolved_policy(), reduction=reduction, **options)
         if _path(kind, impl, chunk_size, student, teacher, options) == "dense":
             return dense_fn(student, teacher, reduction=reduction, **options)
         return chunked_fn(student, teacher, chunk_size=chunk_size, reduction=reduction, **options)
 
     def sum_count(student, teacher, *, impl: str = "auto", chunk_size: int | None = None, **options):
+        if isinstance(teacher, TopK):
+            mapping = top_k(teacher, impl, chunk_size)
+            return sparse_fn.sum_count(student, mapping, policy=teacher.resolved_policy(), **options)
         if _path(kind, impl, chunk_size, student, teacher, options) == "dense":
             return dense_fn.sum_count(student, teacher, **options)
         return chunked_fn.sum_count(student, teacher, chunk_size=chunk_size, **options)
@@ -93,11 +107,14 @@ skew_kl = _divergence("skew_kl")
 tvd = _divergence("tvd")
 
 
-def _deprecated(kind: str) -> Callable:
-    """``chunked_<kind>``: kept for one release; ``<kind>(..., impl="chunked")`` is the same call."""
-    chunked_fn = _chunked.CHUNKED[kind]
-    message = (f"dk.chunked_{kind} is deprecated and will be removed in the next release; use "
-               f"dk.{kind}(..., impl='chunked') (or the default impl='auto').")
+def _deprecated(kind: str, sparse: bool = False) -> Callable:
+    """``chunked_<kind>`` / ``sparse_<kind>``: kept for one release; ``<kind>(..., impl="chunked")`` /
+    ``<kind>(student, dk.TopK(...))`` is the same call."""
+    chunked_fn = getattr(_sparse, f"sparse_{kind}") if sparse else _chunked.CHUNKED[kind]
+    prefix = "sparse" if sparse else "chunked"
+    instead = (f"dk.{kind}(student, dk.TopK(indices, logprobs, tail=None, temperature=1.0, policy=None))" if sparse
+               else f"dk.{kind}(..., impl='chunked') (or the default impl='auto')")
+    message = f"dk.{prefix}_{kind} is deprecated and will be removed in the next release; use {instead}."
 
     def warn():
         if not torch.compiler.is_compiling():  # (dynamo cannot trace warnings.warn; the eager call warned already)
@@ -114,7 +131,7 @@ def _deprecated(kind: str) -> Callable:
 
     fn.sum_count = sum_count
     fn.kind = kind
-    fn.__name__ = fn.__qualname__ = f"chunked_{kind}"
+    fn.__name__ = fn.__qualname__ = f"{prefix}_{kind}"
     return fn
 
 
@@ -124,3 +141,10 @@ chunked_reverse_kl = _deprecated("reverse_kl")
 chunked_jsd = _deprecated("jsd")
 chunked_skew_kl = _deprecated("skew_kl")
 chunked_tvd = _deprecated("tvd")
+
+sparse_kd_ce = _deprecated("kd_ce", sparse=True)
+sparse_kd_kl = _deprecated("kd_kl", sparse=True)
+sparse_reverse_kl = _deprecated("reverse_kl", sparse=True)
+sparse_jsd = _deprecated("jsd", sparse=True)
+sparse_skew_kl = _deprecated("skew_kl", sparse=True)
+sparse_tvd = _deprecated("tvd", sparse=True)

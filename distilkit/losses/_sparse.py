@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from . import _checks as check
 from ._reduce import Parts, masked_loss
@@ -54,6 +56,42 @@ TEACHER_KEYS = ("indices", "logprobs", "tail", "temperature")
 _INF = math.inf
 
 RowFn = Callable[[Tensor, Tensor], Tensor]  # (bucket log q_S, bucket log p_T) -> per-row value
+
+
+@dataclass(frozen=True)
+class TopK:
+    """A top-k teacher, accepted as the ``teacher`` of ``dk.kd_ce``, ``kd_kl``, ``reverse_kl``, ``jsd``, ``skew_kl``
+    and ``tvd``: ``indices`` ``[..., k]`` (int, distinct classes in [0, V)), ``logprobs`` ``[..., k]`` (the teacher's
+    log-probabilities of those classes at its stored temperature ``temperature``), optionally ``tail`` ``[...]`` (log
+    of the leftover mass, log(1 − Σ_K p)), and ``policy`` for that mass: ``"renormalize"`` (default without a tail;
+    exact at any temperature) or ``"tail"`` (default with one; exact at the stored temperature). See this module's
+    docstring for the definitions. A pytree: its tensors are leaves, ``policy`` is structure."""
+
+    indices: Tensor
+    logprobs: Tensor
+    tail: Tensor | None = None
+    temperature: float | Tensor = 1.0
+    policy: str | None = None
+
+    def resolved_policy(self) -> str:
+        return self.policy or ("renormalize" if self.tail is None else "tail")
+
+    def as_mapping(self) -> dict:
+        """The mapping form the ``sparse_*`` functions (and ``dk.cache``) use."""
+        out = {"indices": self.indices, "logprobs": self.logprobs, "temperature": self.temperature}
+        return out if self.tail is None else {**out, "tail": self.tail}
+
+
+def _unflatten_topk(children, policy) -> TopK:
+    node = object.__new__(TopK)
+    for name, value in zip(("indices", "logprobs", "tail", "temperature"), children, strict=True):
+        object.__setattr__(node, name, value)
+    object.__setattr__(node, "policy", policy)
+    return node
+
+
+pytree.register_pytree_node(TopK, lambda k: ([k.indices, k.logprobs, k.tail, k.temperature], k.policy),
+                            _unflatten_topk, serialized_type_name="distilkit.TopK")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
