@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tester import (
@@ -82,7 +84,8 @@ def test_gradcheck(case: Case):
 
 # -------------------------------------------------------------------------------------------------- masks
 @by_id
-def test_values_at_masked_positions_change_nothing(case: Case):
+@pytest.mark.parametrize("garbage_kind", ["large", "nonfinite"])
+def test_values_at_masked_positions_change_nothing(case: Case, garbage_kind: str):
     gen = generator(3)
     student, teacher = case.make(gen)
     mask = random_mask(gen, case.mask_shape)
@@ -91,6 +94,9 @@ def test_values_at_masked_positions_change_nothing(case: Case):
         if not x.is_floating_point():
             return x
         garbage = torch.randn(x.shape, generator=gen, dtype=x.dtype) * 1e3
+        if garbage_kind == "nonfinite":  # NaN, +inf and −inf, as padding often holds
+            pick = torch.randint(0, 3, x.shape, generator=gen)
+            garbage = torch.tensor([math.nan, math.inf, -math.inf], dtype=x.dtype)[pick]
         return torch.where(dropped_entries(case, x, mask), garbage, x)
 
     clean = _value_and_grads(case, student, teacher, mask)

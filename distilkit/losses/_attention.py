@@ -20,7 +20,9 @@ from ._logits import _kl_rows
 from ._reduce import Parts, masked_loss
 
 
-def _maps(api: str, student, teacher, mask):
+def _maps(api: str, student, teacher, mask, *, zero_keys: bool = True):
+    """Checked ``[B, H, L, L]`` maps and the ``[B, L]`` mask; entries of dropped queries (and, with ``zero_keys``, of
+    dropped keys) are 0, so that NaN or ±inf there reach no value or gradient."""
     s = check.floating(api, "student attention", student)
     t = check.floating(api, "teacher attention", teacher).detach()
     check.rank(api, "student attention", s, (3, 4), "[B, H, L, L] or [B, L, L]")
@@ -30,7 +32,11 @@ def _maps(api: str, student, teacher, mask):
         raise ValueError(f"{api}: expected square attention maps [..., L, L], got shape {tuple(s.shape)}.")
     if s.ndim == 3:
         s, t = s.unsqueeze(1), t.unsqueeze(1)
-    return s, t, check.mask(api, mask, (s.shape[0], s.shape[-1]), s)
+    keep = check.mask(api, mask, (s.shape[0], s.shape[-1]), s)
+    if keep is not None:
+        entries = _pairs(keep) if zero_keys else keep[:, None, :, None]
+        s, t = torch.where(entries, s, 0), torch.where(entries, t, 0)
+    return s, t, keep
 
 
 def _keys(keep: Tensor | None) -> Tensor | None:
@@ -112,7 +118,7 @@ def attention_ce(student: Tensor, teacher: Tensor, *, mask=None, head_reduce: st
     """
     api = "attention_ce"
     check.choice(api, "head_reduce", head_reduce, (None, "mean"))
-    s, t, keep = _maps(api, student, teacher, mask)
+    s, t, keep = _maps(api, student, teacher, mask, zero_keys=False)  # masked keys enter the normalisers
     if head_reduce == "mean":
         s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
     terms = F.softmax(t, dim=-1) * F.log_softmax(s, dim=-1)

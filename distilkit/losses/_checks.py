@@ -96,6 +96,15 @@ def mask(api: str, m: object, lead_shape: tuple[int, ...], like: Tensor) -> Tens
     return m != 0
 
 
+def zero_dropped(x: Tensor, keep: Tensor | None, trailing: int = 1) -> Tensor:
+    """``x`` with 0 at the positions ``keep`` drops (``keep`` covers ``x``'s leading dimensions; ``trailing`` more
+    follow). Selected, not multiplied: NaN or ±inf left in padding then reaches neither the value nor any gradient
+    (0 · NaN would), and no gradient flows back to a dropped position."""
+    if keep is None:
+        return x
+    return torch.where(keep.reshape(*keep.shape, *([1] * trailing)), x, 0)
+
+
 def positive(api: str, name: str, value: object, lead_shape: tuple[int, ...], like: Tensor) -> float | Tensor:
     """A temperature-like value: a float, a 0-d tensor or a per-row tensor of ``lead_shape``; all > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
@@ -144,14 +153,15 @@ def choice(api: str, name: str, value: object, allowed: Sequence[object]) -> Non
 
 def sequences(api: str, student: object, teacher: object, m: object) -> tuple[Tensor, Tensor, Tensor | None]:
     """Student and teacher hidden states ``[B, L, D_s]``, ``[B, L, D_t]`` (widths may differ), upcast, the teacher
-    detached; and the keep-mask ``m`` checked as ``[B, L]``."""
+    detached, both 0 at dropped positions; and the keep-mask ``m`` checked as ``[B, L]``."""
     s = floating(api, "student features", student)
     t = floating(api, "teacher features", teacher).detach()
     for name, x in (("student", s), ("teacher", t)):
         rank(api, f"{name} features", x, (3,), "[B, L, D]")
     same_shape(api, s, t, "student and teacher features", dims=slice(0, 2))
     same_device(api, student=s, teacher=t)
-    return s, t, mask(api, m, tuple(s.shape[:2]), s)
+    keep = mask(api, m, tuple(s.shape[:2]), s)
+    return zero_dropped(s, keep), zero_dropped(t, keep), keep
 
 
 def outside_transforms(api: str, instead: str) -> None:

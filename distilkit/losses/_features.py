@@ -16,7 +16,8 @@ def _features(api: str, student, teacher, mask):
     check.rank(api, "student features", s, range(1, 64), "[..., D]")
     check.same_shape(api, s, t, "student and teacher features")
     check.same_device(api, student=s, teacher=t)
-    return s, t, check.mask(api, mask, tuple(s.shape[:-1]), s)
+    keep = check.mask(api, mask, tuple(s.shape[:-1]), s)
+    return check.zero_dropped(s, keep), check.zero_dropped(t, keep), keep
 
 
 @masked_loss
@@ -65,7 +66,8 @@ def pkd(student: Tensor, teacher: Tensor, *, mask=None) -> Parts:
     keep = check.mask(api, mask, tuple(s.shape[:-1]), s)
     cs, ct = (x[:, 0] if x.ndim == 3 else x for x in (s, t))
     check.same_shape(api, cs, ct, "student and teacher [CLS] vectors")
-    values = (F.normalize(cs, dim=-1) - F.normalize(ct, dim=-1)).square().sum(-1)
     if keep is not None and keep.ndim == 2:
         keep = keep[:, 0]
+    cs, ct = check.zero_dropped(cs, keep), check.zero_dropped(ct, keep)
+    values = (F.normalize(cs, dim=-1) - F.normalize(ct, dim=-1)).square().sum(-1)
     return Parts(values, keep)
