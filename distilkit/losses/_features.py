@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,14 +27,9 @@ def hidden_mse(student: Tensor, teacher: Tensor, *, mask=None) -> Parts:
     Widths must match: give the student a projection (``dk.proj.linear``) when they differ.
     ``reduction="none"`` is per element ``[..., D]``.
     """
-    s, t, keep = _features("hidden_mse", student, teacher, mask)
-    if keep is None:
-        return Parts((s - t).square(), None)
-    # The difference is selected before the square: under torch.compile its backward then keeps the one masked
-    # difference (computed and stored in the same pass as the sum) instead of reading s and t again.
-    rows = keep.unsqueeze(-1)
-    diff = torch.where(rows, s - t, 0)
-    return Parts(diff * diff, rows)
+    s, t, keep = _features("hidden_mse", student, teacher, mask)  # (0 at dropped positions)
+    diff = s - t
+    return Parts(diff * diff, None if keep is None else keep.unsqueeze(-1))
 
 
 @masked_loss
