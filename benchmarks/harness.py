@@ -10,6 +10,7 @@ process's resident-set high-water mark (``VmHWM``, reset through ``/proc/self/cl
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import math
@@ -27,6 +28,34 @@ from torch.utils.benchmark import Timer
 from distilkit.losses import _cpu_kernel
 
 SCHEMA = "distilkit-bench/1"
+_settings = {"block_s": 0.02}  # the target duration of one timed block (see :func:`timing`)
+
+
+@contextlib.contextmanager
+def timing(*, block_s: float = 0.02):
+    """Within the block, :func:`measure` and :func:`measure_interleaved` time blocks of about ``block_s`` seconds
+    (``--quick`` uses short blocks: a smoke test, not a measurement)."""
+    if not block_s > 0:
+        raise ValueError(f"harness.timing: expected block_s > 0, got {block_s!r}")
+    previous = _settings["block_s"]
+    _settings["block_s"] = block_s
+    try:
+        yield
+    finally:
+        _settings["block_s"] = previous
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Within the block, the objects that exist at its start (torch's, the imported packages') are left out of
+    garbage collections (``gc.freeze``): :func:`peak_memory`'s ``gc.collect()`` then takes milliseconds instead of
+    about 0.2 s with torch, TextBrewer and transformers loaded. Reference counting frees objects as usual."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @dataclass
@@ -69,7 +98,8 @@ def measure(fn: Callable[[], Any], device: torch.device, *, min_run_time: float 
     """``(median seconds, interquartile range, repeats)`` of ``fn()`` after ``warmup`` calls (with ``best``, the
     fastest block instead of the median: what floors use, the best the machine did in this run).
 
-    Repeats ``Timer.timeit(number)`` blocks, with ``number`` chosen so that a block takes about 20 ms, until
+    Repeats ``Timer.timeit(number)`` blocks, with ``number`` chosen so that a block takes about 20 ms (see
+    :func:`timing`), until
     ``min_run_time`` has passed and at least ``min_repeats`` blocks ran.
     """
     for _ in range(warmup):
@@ -77,7 +107,7 @@ def measure(fn: Callable[[], Any], device: torch.device, *, min_run_time: float 
     synchronize(device)
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     once = timer.timeit(1).median
-    number = max(1, int(0.02 / max(once, 1e-9)))
+    number = max(1, int(_settings["block_s"] / max(once, 1e-9)))
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < min_run_time):
@@ -293,7 +323,7 @@ def measure_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
         synchronize(device)
         timers[name] = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         once = timers[name].timeit(1).median
-        numbers[name] = max(1, int(0.02 / max(once, 1e-9)))
+        numbers[name] = max(1, int(_settings["block_s"] / max(once, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, timer in timers.items():

@@ -1,7 +1,9 @@
-"""The ``distilkit`` command: ``demo``, ``validate``, ``schema``, ``convert-textbrewer``, ``bench``.
+"""The ``distilkit`` command: ``demo``, ``doctor``, ``validate``, ``schema``, ``convert-textbrewer``, ``bench``.
 
 ```text
 distilkit demo [--out DIR] [--seeds N] [--quick]     distil on scikit-learn's digits, next to a labels-only baseline
+distilkit doctor [--no-compile] [--timeout S]         torch, devices, compilers, the CPU kernel, torch.compile: a
+                                                      short report to paste into a bug report
 distilkit validate SPEC.json                          print the normalised spec, or its problems (exit status 2)
 distilkit schema                                      print the JSON Schema of spec files
 distilkit convert-textbrewer CONFIG.json [--total-steps N] [-o OUT]
@@ -9,8 +11,10 @@ distilkit convert-textbrewer CONFIG.json [--total-steps N] [-o OUT]
 distilkit bench [ARGS...]                             the loss benchmarks (from a clone of the repository)
 ```
 
-Bad arguments and unreadable or invalid files give one line per problem on stderr (``distilkit <command>: ...``) and
-exit status 2, never a traceback. ``main(argv)`` returns the exit status, so the command also runs in-process.
+Bad arguments give one line on stderr (``distilkit <command>: ...``) followed by that command's usage, and exit
+status 2; unreadable or invalid files give one line per problem and exit status 2; never a traceback. ``main(argv)``
+returns the exit status, so the command also runs in-process. Only the chosen command imports torch (``--help`` and
+argument errors stay fast).
 """
 
 from __future__ import annotations
@@ -18,23 +22,45 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
 import sys
-from collections.abc import Sequence
+import time
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 PROG = "distilkit"
 
 
 class UsageError(Exception):
-    """Bad command-line arguments (exit status 2)."""
+    """Bad command-line arguments (exit status 2); ``usage`` is the usage of the command that was given them."""
+
+    def __init__(self, message: str, usage: str = "") -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are raised (one line, reported by :func:`main`) instead of printed with
-    the usage and an exit."""
+    """An ``ArgumentParser`` whose errors are raised (reported by :func:`main`: one line, then this parser's usage)
+    instead of printed with an exit. ``commands`` maps each subcommand to its parser."""
+
+    commands: dict[str, _Parser]
 
     def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')", self.format_usage())
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As ``ArgumentParser.parse_args``, but arguments that no parser recognised are reported by the
+        subcommand they were given to (its usage, not the top-level one)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            owner = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            owner.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def _positive_int(text: str) -> int:
@@ -47,6 +73,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _parser() -> _Parser:
     from . import __version__
 
@@ -55,16 +91,29 @@ def _parser() -> _Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="distil a small MLP on scikit-learn's handwritten digits, next to a "
-                          "labels-only baseline (TensorBoard logs and summary.json under --out)",
+                          "labels-only baseline (a new run folder under --out: summary.json, curves.png, TensorBoard "
+                          "logs)",
                           description="Teacher MLP → smaller student by distillation (kd_kl on the logits + a "
                           "projected hidden-feature loss) with labels for a fraction of the training split and the "
                           "teacher's outputs on all of it, against the same student trained on those labels alone; "
                           "held-out accuracy over several seeds.")
     demo.add_argument("--out", default="runs/demo", metavar="DIR",
-                      help="directory for the TensorBoard logs and summary.json (default: runs/demo)")
+                      help="each run writes its TensorBoard logs, summary.json and curves.png into a new folder "
+                      "DIR/<date>-<time> (default DIR: runs/demo)")
     demo.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
                       help="number of student seeds (default: 3; 1 with --quick)")
-    demo.add_argument("--quick", action="store_true", help="a few training steps only (a smoke test)")
+    demo.add_argument("--quick", action="store_true",
+                      help="20 training steps only: a smoke test whose accuracies mean nothing")
+
+    doctor = sub.add_parser("doctor", help="report torch, the devices, the C compiler, the CPU kernel and whether "
+                            "torch.compile works here (paste it into bug reports)",
+                            description="Print a short report of this installation: distilkit, Python and torch "
+                            "versions, the devices, the C and C++ compilers, the CPU kernel's status and why, its "
+                            "cache directory, and whether torch.compile works here (a tiny function compiled in a "
+                            "fresh process).")
+    doctor.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
+    doctor.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
+                        help="give up the torch.compile check after S seconds (default: 300)")
 
     validate = sub.add_parser("validate", help="check a spec file and print it normalised",
                               description="Read a spec file with distilkit.from_config and print it normalised "
@@ -86,6 +135,7 @@ def _parser() -> _Parser:
 
     sub.add_parser("bench", help="run the loss benchmarks (from a clone of the repository); arguments are passed on",
                    add_help=False)
+    parser.commands = dict(sub.choices)
     return parser
 
 
@@ -181,16 +231,158 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError as error:
         return _fail("demo", f"needs scikit-learn and tqdm: pip install 'distilkit[demo]' ({_one_line(error)})")
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    parent = Path(args.out)
+    if parent.exists() and not parent.is_dir():
         return _fail("demo", f"--out {args.out}: exists and is not a directory")
     try:
+        out = demo.new_run_dir(parent, quick=args.quick)
         summary = demo.run(out, seeds=seeds, quick=args.quick)
     except OSError as error:
         return _fail("demo", f"cannot write under {args.out} ({_one_line(error)})")
     print(demo.table(summary))
-    print(f"wall time {summary['wall_time_s']:.1f} s; wrote {out / 'summary.json'}; "
-          f"view the training curves with: tensorboard --logdir {out}")
+    written = ["summary.json", *([summary["plot"]] if summary["plot"] else []), "TensorBoard logs"]
+    print(f"wrote {out}{os.sep}: {', '.join(written)}; compare runs with: tensorboard --logdir {parent}")
+    if not summary["plot"]:
+        print(f"no plot: {summary['plot_note']}")
+    elapsed = time.perf_counter() - getattr(args, "started", time.perf_counter())
+    print(f"took {elapsed:.1f} s in all ({summary['wall_time_s']:.1f} s of data, training and evaluation) on "
+          f"{summary['machine']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ doctor
+_COMPILE_PROBE = """
+import torch
+def f(x):
+    return torch.softmax(x * 2.0, dim=-1).sum(-1) + x.exp().mean()
+x = torch.randn(4, 8)
+torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+print("compiled ok")
+"""
+
+
+def _compile_probe(timeout: float, code: str = _COMPILE_PROBE) -> str:
+    """Whether ``code`` (by default a tiny ``torch.compile(fullgraph=True)`` on the CPU) runs in a fresh Python
+    process within ``timeout`` seconds and prints ``compiled ok``; the process and its children are killed after."""
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}  # no pool of compile workers to leave behind
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        process.communicate()
+        return f"unknown: no answer within {timeout:g} s (a first compilation can take minutes on a small CPU; " \
+               "raise --timeout)"
+    elapsed = time.perf_counter() - start
+    if process.returncode == 0 and stdout.strip().endswith("compiled ok"):
+        return f"works (a tiny function compiled and ran in {elapsed:.1f} s, in a fresh process)"
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    why = lines[-1] if lines else f"exit status {process.returncode}"
+    return f"fails: {why[:300]}"
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (OSError, AttributeError):  # gone already, or no process groups (Windows)
+        process.kill()
+
+
+def _first_line(command: list[str]) -> str:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"cannot run it ({_one_line(error)})"
+    lines = (result.stdout or result.stderr).strip().splitlines()
+    return lines[0] if lines else f"exit status {result.returncode}"
+
+
+def _compiler(variable: str, names: tuple[str, ...]) -> str:
+    """``$variable``, else the first of ``names`` on the PATH, with the first line of its ``--version``."""
+    chosen = os.environ.get(variable)
+    source = f"${variable}" if chosen else "PATH"
+    path = shutil.which(chosen) if chosen else next(filter(None, map(shutil.which, names)), None)
+    if path is None and chosen:
+        return f"none found (${variable}={chosen} is not an executable on the PATH)"
+    if path is None:
+        return f"none found (${variable} is unset and none of {', '.join(names)} is on the PATH)"
+    return f"{path} (from {source}): {_first_line([path, '--version'])}"
+
+
+def _versions(names: Sequence[str]) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} -")
+    return ", ".join(found)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def doctor_report(*, compile_check: bool = True, timeout: float = 300.0) -> Iterator[tuple[str, str]]:
+    """The ``distilkit doctor`` report as ``(label, text)`` pairs, computed one after the other (the torch.compile
+    check, the slowest, last)."""
+    from . import __version__
+
+    yield "distilkit", f"{__version__} ({Path(__file__).resolve().parent})"
+    yield "python", f"{platform.python_version()} ({platform.python_implementation()}) on {platform.platform()}"
+    import torch
+
+    yield "torch", f"{torch.__version__}; CUDA build: {torch.version.cuda or 'none'}; {torch.__file__}"
+    devices = [f"cpu: {_cpu_name()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads"]
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        devices.append(f"cuda: {len(names)} ({', '.join(names)})")
+    else:
+        devices.append("cuda: not available")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps: available")
+    yield "devices", "; ".join(devices)
+    yield "C compiler", _compiler("CC", ("cc", "gcc"))
+    yield "C++ compiler", _compiler("CXX", ("c++", "g++", "clang++")) + " (torch.compile on the CPU needs it)"
+    from .losses import _cpu_kernel
+
+    with warnings.catch_warnings():  # an unavailable kernel warns; here the report says it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        status = _cpu_kernel.status()  # builds the kernel on first use, as the losses would
+        library = _cpu_kernel.library()
+    if library is not None:
+        yield "CPU kernel", f"{status}: the chunked logit divergences and fused_linear_kd use it for float32 CPU logits"
+        yield "kernel cache", str(getattr(library, "_name", "?"))
+    else:
+        yield "CPU kernel", f"not used ({status}): the chunked logit divergences run their torch chunk loop instead"
+        yield "kernel cache", " or ".join(str(d) for d in _cpu_kernel._cache_dirs())
+    from .backends import report
+
+    yield "gradient reuse", f"{report()['reuse_gradient_memory']} (on with DISTILKIT_REUSE_GRAD=1 or inside " \
+                            "dk.backends.reuse_gradient_memory())"
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items())
+                if k.startswith(("DISTILKIT_", "TORCHINDUCTOR_", "TORCH_COMPILE")) or k in ("CC", "CXX")]
+    yield "environment", ", ".join(settings) or "no DISTILKIT_*, TORCHINDUCTOR_*, CC or CXX variables set"
+    yield "packages", _versions(("numpy", "einops", "pydantic", "tensorboard", "scikit-learn", "matplotlib",
+                                 "transformers", "textbrewer"))
+    yield "torch.compile", _compile_probe(timeout) if compile_check else "not checked (--no-compile)"
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    width = len("gradient reuse") + 2
+    for label, text in doctor_report(compile_check=not args.no_compile, timeout=args.timeout):
+        print(f"{label + ':':<{width}}{text}", flush=True)
     return 0
 
 
@@ -232,11 +424,13 @@ def _bench(rest: list[str]) -> int:
     return status if isinstance(status, int) else 1
 
 
-_COMMANDS = {"validate": _validate, "schema": _schema, "convert-textbrewer": _convert, "demo": _demo}
+_COMMANDS = {"validate": _validate, "schema": _schema, "convert-textbrewer": _convert, "demo": _demo,
+             "doctor": _doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``distilkit`` command with ``argv`` (default ``sys.argv[1:]``) and return its exit status."""
+    started = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "bench":  # everything after `bench` belongs to the benchmark runner
@@ -249,12 +443,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except UsageError as error:
             print(str(error), file=sys.stderr)
+            print(error.usage.rstrip(), file=sys.stderr)
             return 2
         except SystemExit as exit_:  # --help and --version
             return exit_.code if isinstance(exit_.code, int) else 0
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
+        args.started = started
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
