@@ -320,12 +320,15 @@ def test_a_temperature_that_requires_grad_receives_its_gradient(compile_):
 def test_paths_that_cannot_differentiate_a_temperature_say_so():
     s, t = torch.randn(4, 9), torch.randn(4, 9)
     T = torch.tensor(2.0, requires_grad=True)
-    with pytest.raises(TypeError, match=r"chunked_kd_kl: expected temperature not to require grad.*dk\.kd_kl"):
-        dk.chunked_kd_kl(s, t, temperature=T)
-    with pytest.raises(TypeError, match=r"chunked_kd_kl: does not support torch.func.vmap"):
-        torch.func.vmap(lambda x: dk.chunked_kd_kl(x, t))(s.unsqueeze(0))
-    with pytest.raises(TypeError, match=r"chunked_jsd: does not support torch.func.grad"):
-        torch.func.grad(lambda x: dk.chunked_jsd(x, t))(s)
+    with pytest.raises(TypeError, match=r"kd_kl: expected temperature not to require grad.*impl='dense'"):
+        dk.kd_kl(s, t, temperature=T, impl="chunked")
+    with pytest.raises(TypeError, match=r"kd_kl: does not support torch.func.vmap"):
+        torch.func.vmap(lambda x: dk.kd_kl(x, t, impl="chunked"))(s.unsqueeze(0))
+    with pytest.raises(TypeError, match=r"jsd: does not support torch.func.grad"):
+        torch.func.grad(lambda x: dk.jsd(x, t, impl="chunked"))(s)
+    # impl="auto" takes the dense path for all three, which gives the temperature its gradient
+    (grad,) = torch.autograd.grad(dk.kd_kl(s.requires_grad_(), t, temperature=T), T)
+    assert torch.isfinite(grad) and grad != 0
 
 
 # ------------------------------------------------------------------------------------------- no host sync

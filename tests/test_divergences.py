@@ -79,7 +79,7 @@ def test_impl_is_checked():
         dk.kd_kl(s, t, impl="fast")
     with pytest.raises(ValueError, match="kd_kl: chunk_size applies to impl='chunked'"):
         dk.kd_kl(s, t, impl="dense", chunk_size=8)
-    with pytest.raises(ValueError, match="chunked_kd_kl: expected chunk_size to be a positive int"):
+    with pytest.raises(ValueError, match="kd_kl: expected chunk_size to be a positive int"):
         dk.kd_kl(s, t, impl="chunked", chunk_size=0)
 
 

@@ -19,6 +19,7 @@ teacher (``dk.TopK``) takes the top-k implementation (``_sparse.py``) under the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
@@ -56,6 +57,19 @@ def _path(api: str, impl: object, chunk_size: object, student: object, teacher: 
     return "chunked" if _cpu_kernel.usable(student.reshape(rows), teacher.reshape(rows)) else "dense"
 
 
+@contextlib.contextmanager
+def _as(kind: str):
+    """Errors of the chunked implementation under the public name: ``kd_kl: ...``, not ``chunked_kd_kl: ...``."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        prefix = f"chunked_{kind}:"
+        if not message.startswith(prefix):
+            raise
+        raise type(error)(f"{kind}:{message[len(prefix):]}") from None
+
+
 def _divergence(kind: str) -> Callable:
     """The public function of ``kind``: the dense one's signature and docstring, plus ``impl`` and ``chunk_size``."""
     dense_fn, chunked_fn, sparse_fn = getattr(dense, kind), _chunked.CHUNKED[kind], getattr(_sparse, f"sparse_{kind}")
@@ -74,7 +88,8 @@ def _divergence(kind: str) -> Callable:
             return sparse_fn(student, mapping, policy=teacher.resolved_policy(), reduction=reduction, **options)
         if _path(kind, impl, chunk_size, student, teacher, options) == "dense":
             return dense_fn(student, teacher, reduction=reduction, **options)
-        return chunked_fn(student, teacher, chunk_size=chunk_size, reduction=reduction, **options)
+        with _as(kind):
+            return chunked_fn(student, teacher, chunk_size=chunk_size, reduction=reduction, **options)
 
     def sum_count(student, teacher, *, impl: str = "auto", chunk_size: int | None = None, **options):
         if isinstance(teacher, TopK):
@@ -82,7 +97,8 @@ def _divergence(kind: str) -> Callable:
             return sparse_fn.sum_count(student, mapping, policy=teacher.resolved_policy(), **options)
         if _path(kind, impl, chunk_size, student, teacher, options) == "dense":
             return dense_fn.sum_count(student, teacher, **options)
-        return chunked_fn.sum_count(student, teacher, chunk_size=chunk_size, **options)
+        with _as(kind):
+            return chunked_fn.sum_count(student, teacher, chunk_size=chunk_size, **options)
 
     signature = inspect.signature(dense_fn)
     extra = [inspect.Parameter("impl", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation="str"),
