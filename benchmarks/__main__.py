@@ -92,7 +92,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         log("large vocabularies: kd target (interleaved)")
         tokens, vocab = (16, 50) if quick else (2048, 32000) if device.type == "cpu" else (8192, 128256)
         r, s = large.run_kd_target(device, floors, tokens=tokens, vocab=vocab, rounds=rounds, min_block_time=block,
-                                   log=log)
+                                   compile=compile_, log=log)
         rows += r
         summaries["kd_target"] = s
         log("large vocabularies: chunk sizes")
