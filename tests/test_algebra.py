@@ -71,7 +71,7 @@ def test_duplicate_names_are_an_error_with_a_hint():
     (lambda: dk.kd_ce.on("logits", mask=3), TypeError, r"expected mask to be a key name"),
     (lambda: dk.kd_ce.on("logits", temperature=[2.0]), TypeError, r"option temperature"),
     (lambda: dk.kd_ce.on("logits").named("a.b"), ValueError, r"without '\.'"),
-    (lambda: dk.kd_ce.on("logits") * "2", TypeError, r"expected a number or a schedule"),
+    (lambda: dk.kd_ce.on("logits") * "2", TypeError, r"expected a number, a 0-d tensor or a schedule"),
     (lambda: dk.layers(dk.hidden_mse, [(0, (1, 2))], feature="hidden"), ValueError, r"ints or both pairs"),
     (lambda: dk.layers(dk.hidden_mse, [((0, 1), (1, 2))], feature="hidden"), ValueError, r"need a pair loss"),
     (lambda: dk.proj.linear(0, 4), ValueError, r"proj\.linear: expected in_features to be a positive int"),

@@ -31,6 +31,8 @@ class Loss:
         pair: takes a pair of features per model (fsp, mmd): a selector list, or one layer used twice.
         masked: accepts ``mask=``.
         temperature: accepts ``temperature=`` (so an adaptive temperature can be given, and it is logged).
+        keywords: ``{name: default}`` of ``fn``'s keyword-only parameters (read once); ``open_ended``: it takes
+            ``**kwargs``.
     """
 
     fn: Callable
@@ -43,6 +45,12 @@ class Loss:
     def __post_init__(self):
         object.__setattr__(self, "__doc__", self.fn.__doc__)
         object.__setattr__(self, "__wrapped__", self.fn)
+        # Read the signature once, here: terms are also built inside traced code (torch.compile, torch.func),
+        # where inspect.signature cannot always be traced.
+        params = inspect.signature(self.fn).parameters
+        object.__setattr__(self, "keywords", {n: p.default for n, p in params.items()
+                                              if p.kind is inspect.Parameter.KEYWORD_ONLY})
+        object.__setattr__(self, "open_ended", any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()))
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)

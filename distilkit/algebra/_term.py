@@ -9,7 +9,6 @@ config is ``==`` to the original and hashes the same. How a spec is applied to a
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -118,8 +117,16 @@ class Term:
     proj: Projection | None
     probability_shift: str | None
     options: tuple[tuple[str, Any], ...]
-    weight: tuple = ()  # factors: floats and schedules, multiplied
+    weight: tuple = ()  # factors: floats, 0-d tensors and schedules, multiplied
     name: str = ""
+    #: the options that are pytree leaves (hyperparameters), fixed when the term is built: structure, so that a tree
+    #: whose leaves were replaced by anything (vmap's in_dims, tracers) flattens the same way.
+    leaf_options: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.leaf_options is None:
+            object.__setattr__(self, "leaf_options",
+                               tuple(name for name, value in self.options if _is_leaf_option(value)))
 
     @classmethod
     def of(cls, loss: Loss, student, teacher=None, *, mask=None, labels=None, proj=None, probability_shift=None,
@@ -209,8 +216,8 @@ def _is_leaf_option(value: Any) -> bool:
 
 
 def _flatten_term(term: Term) -> tuple[list[Any], tuple]:
-    leaf_names = tuple(name for name, value in term.options if _is_leaf_option(value))
-    static = tuple((name, value) for name, value in term.options if not _is_leaf_option(value))
+    leaf_names = term.leaf_options
+    static = tuple((name, value) for name, value in term.options if name not in leaf_names)
     children = [value for name, value in term.options if name in leaf_names] + list(term.weight)
     context = (term.loss, term.student, term.teacher, term.mask, term.labels, term.proj, term.probability_shift,
                static, leaf_names, len(term.weight), term.name)
@@ -225,7 +232,7 @@ def _unflatten_term(children: Any, context: tuple) -> Term:
     term = object.__new__(Term)  # no checks: leaves may be tracers, batched tensors or other dtypes
     for field, value in (("loss", loss), ("student", student), ("teacher", teacher), ("mask", mask),
                          ("labels", labels), ("proj", proj), ("probability_shift", shift), ("options", options),
-                         ("weight", tuple(children[k:])), ("name", name)):
+                         ("weight", tuple(children[k:])), ("name", name), ("leaf_options", leaf_names)):
         object.__setattr__(term, field, value)
     return term
 
@@ -234,13 +241,11 @@ def _check_options(loss: Loss, options: dict, where: str) -> dict:
     """Check the options against the loss's signature. An int given for an option whose default is a float becomes
     a float (a hyperparameter: a leaf of the spec, a tensor in a compiled step); a 0-d integer tensor becomes an int
     (structure, such as ``num_heads``)."""
-    params = inspect.signature(loss.fn).parameters
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    known = sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _RESERVED)
+    known = sorted(n for n in loss.keywords if n not in _RESERVED)
     for name, value in options.items():
         if name in _RESERVED:
             raise ValueError(f"{where}: option {name!r} cannot be given to a term: {_RESERVED[name]}.")
-        if not open_ended and name not in known:
+        if not loss.open_ended and name not in known:
             raise ValueError(f"{where}: {loss.name} has no option {name!r}; expected one of {known}.")
         if isinstance(value, AdaptiveTemperature):
             if name != "temperature" or not loss.temperature:
@@ -248,7 +253,7 @@ def _check_options(loss: Loss, options: dict, where: str) -> dict:
         elif not isinstance(value, _OPTION_TYPES):
             raise TypeError(f"{where}: option {name}: expected a number, str, tensor or schedule, got "
                             f"{type(value).__name__}.")
-        default = params[name].default if name in params else None
+        default = loss.keywords.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and isinstance(default, float):
             options[name] = float(value)
         elif (isinstance(value, Tensor) and value.ndim == 0 and not (value.is_floating_point() or value.is_complex())
@@ -258,8 +263,13 @@ def _check_options(loss: Loss, options: dict, where: str) -> dict:
 
 
 def _factor(factor, where: str):
+    if isinstance(factor, Tensor):  # a 0-d tensor weight: a leaf like a number (batched under vmap, or learnable)
+        if factor.ndim != 0 or not factor.is_floating_point():
+            raise TypeError(f"{where}: expected a weight tensor to be 0-d and floating, got shape "
+                            f"{tuple(factor.shape)}, dtype {factor.dtype}.")
+        return factor
     if isinstance(factor, bool) or not isinstance(factor, (int, float, Schedule)):
-        raise TypeError(f"{where}: expected a number or a schedule, got {type(factor).__name__}.")
+        raise TypeError(f"{where}: expected a number, a 0-d tensor or a schedule, got {type(factor).__name__}.")
     if isinstance(factor, (int, float)):
         if not math.isfinite(factor):
             raise ValueError(f"{where}: expected a finite weight, got {factor}.")

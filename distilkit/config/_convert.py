@@ -108,6 +108,8 @@ def _option_out(value: Any, where: str) -> Any:
 
 
 def _factor_out(factor: Any, where: str) -> Any:
+    if isinstance(factor, Tensor):
+        return _plain(factor, f"{where}: weight")
     return _node_out(factor, f"{where}: weight") if isinstance(factor, Schedule) else factor
 
 
