@@ -56,7 +56,12 @@ def _kernel_calls(monkeypatch):
 @pytest.mark.skipif(not _cpu_kernel.available(), reason=f"CPU kernel {_cpu_kernel.status()}")
 def test_auto_takes_the_kernel_only_where_it_may(monkeypatch):
     calls = _kernel_calls(monkeypatch)
-    s, t, mask = inputs()
+    small, t_small, _ = inputs()
+    dk.kd_kl(small, t_small).backward()  # a few hundred logits: the kernel's fixed cost would dominate
+    assert not calls
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randn(8, 70, 128, generator=gen).requires_grad_()  # 71,680 logits: above KERNEL_MIN_ELEMENTS (32,768)
+    t, mask = torch.randn(8, 70, 128, generator=gen), torch.rand(8, 70, generator=gen) > 0.3
     auto = value_and_grad("kd_kl", s, t, mask=mask, temperature=2.0)
     assert len(calls) == 1  # a plain eager call with grad: the kernel
     dense = value_and_grad("kd_kl", s, t, mask=mask, temperature=2.0, impl="dense")
