@@ -19,7 +19,7 @@ import torch
 
 from . import floors as floors_mod
 from . import large, losses, report, step
-from .harness import describe_machine, device_slug, frozen_heap, load_average, timing
+from .harness import describe_machine, device_from_args, device_slug, frozen_heap, load_average, timing
 
 SUITES = ("losses", "large", "fused", "step")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,12 +57,9 @@ def default_stem(device: torch.device, quick: bool) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("distilkit bench: expected a CUDA device, but torch.cuda.is_available() is False.", file=sys.stderr)
+    device = device_from_args(args, "distilkit bench")
+    if device is None:
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     with timing(block_s=0.002 if args.quick else 0.02), frozen_heap():
         return _run(args, device)
 

@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -338,3 +339,15 @@ def measure_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
         q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
         out[name] = (statistics.median(times), q[2] - q[0], len(times), times[0])
     return out
+
+
+def device_from_args(args, api: str) -> torch.device | None:
+    """Apply the common ``--device`` / ``--threads`` options: the device, or None (with the reason printed) when CUDA
+    was asked for and is not available."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{api}: expected a CUDA device, but torch.cuda.is_available() is False.", file=sys.stderr)
+        return None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device
