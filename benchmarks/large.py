@@ -69,7 +69,8 @@ def run_kd_target(device: torch.device, floors: Floors, *, tokens: int = 2048, v
         "distilkit chunked kd_ce": _fb(lambda: _chunked.chunked_kd_ce(s, t, temperature=T, t2_scale=False), [s]),
         "distilkit chunked kd_ce (torch chunk loop)": _fb(_torch_loop(
             lambda: _chunked.chunked_kd_ce(s, t, temperature=T, t2_scale=False)), [s]),
-        "distilkit kd_ce (dense eager)": _fb(lambda: dk.kd_ce(s, t, temperature=T, t2_scale=False), [s]),
+        "distilkit kd_ce (dense eager)": _fb(lambda: dk.kd_ce(s, t, temperature=T, t2_scale=False, impl="dense"),
+                                             [s]),
     }
     if compile:
         compiled = torch.compile(lambda: dk.kd_kl(s, t, temperature=2.0, impl="chunked"), fullgraph=True)
