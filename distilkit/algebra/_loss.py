@@ -82,7 +82,9 @@ def register_loss(fn: Callable, *, name: str | None = None, inputs: Inputs = "te
     """Make ``fn`` usable in specs and spec files under ``name`` (default ``fn.__name__``); returns the ``Loss``.
 
     ``fn(student, teacher, *, mask=None, **options)`` returns a 0-d tensor (the loss mean). Spec files can only
-    name registered losses: nothing is imported from a name written in a file.
+    name registered losses: nothing is imported from a name written in a file. Float options are hyperparameters:
+    inside a compiled step (and under ``vmap``) they reach ``fn`` as 0-d tensors, so write ``fn`` with tensor math
+    for them (no Python ``if`` on their values); int, bool and str options reach it unchanged.
     """
     name = name or getattr(fn, "__name__", None)
     if not isinstance(name, str) or not name.isidentifier():
