@@ -460,3 +460,20 @@ def test_tensor_weights_and_vmap_over_a_whole_spec():
     for T, w, v in zip(temps.tolist(), weights.tolist(), values, strict=True):
         expected = dk.kd_kl(so["logits"], to["logits"], temperature=T) + w * dk.tvd(so["logits"], to["logits"])
         torch.testing.assert_close(v, expected)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_a_fractional_float_mask_is_refused():
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="kd_kl: expected a 0/1 mask, got a floating mask"):
+        dk.kd_kl(s, t, mask=torch.full((2, 3), 0.5))
+    ones = dk.kd_kl(s, t, mask=torch.ones(2, 3))  # 0/1 floats are a mask
+    torch.testing.assert_close(ones, dk.kd_kl(s, t))
+
+
+def test_a_counts_key_that_no_term_uses_is_refused():
+    so, to, batch = logits()
+    f = dk.loss_fn(dk.kd_kl.on("logits", mask="attention_mask"))
+    f(so, to, batch, counts={"attention_mask": 7})
+    with pytest.raises(KeyError, match=r"loss_fn: counts has keys \['atention_mask'\] that no term is normalised by"):
+        f(so, to, batch, counts={"atention_mask": 7})

@@ -264,6 +264,12 @@ def prepare(spec: Spec | Tasks, student_out, teacher_out, batch, step, params, c
     inputs = gather(chosen, student_out, teacher_out, batch)
     device = input_device(inputs)
     check_params(where, chosen.terms, params)
+    if isinstance(counts, Mapping):
+        used = {_count_key(t) for t in chosen.terms if t.loss.sum_count is not None}
+        unused = sorted(str(k) for k in counts if k not in used)
+        if unused:
+            raise KeyError(f"{where}: counts has keys {unused} that no term is normalised by; expected keys among "
+                           f"{sorted(k for k in used if k is not None)} (the mask= or labels= keys of the terms).")
     return chosen, inputs, step_tensor(step, device, where), count_tensors(counts, device, where)
 
 

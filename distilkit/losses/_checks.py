@@ -93,6 +93,9 @@ def mask(api: str, m: object, lead_shape: tuple[int, ...], like: Tensor) -> Tens
             f"got {_shape(m)}. Masks are never broadcast."
         )
     same_device(api, input=like, mask=m)
+    if m.is_floating_point():  # a float mask is 0/1: a soft weight such as 0.5 is not a mask
+        eager_check(api, (m == 0) | (m == 1), "expected a 0/1 mask, got a floating mask with values other than 0 "
+                                               "and 1; a mask keeps or drops positions (weight the loss instead).")
     return m != 0
 
 
