@@ -131,7 +131,7 @@ tvd = _divergence("tvd")
 def _deprecated(kind: str, sparse: bool = False) -> Callable:
     """``chunked_<kind>`` / ``sparse_<kind>``: kept for one release; ``<kind>(..., impl="chunked")`` /
     ``<kind>(student, dk.TopK(...))`` is the same call."""
-    chunked_fn = getattr(_sparse, f"sparse_{kind}") if sparse else _chunked.CHUNKED[kind]
+    target = getattr(_sparse, f"sparse_{kind}") if sparse else _chunked.CHUNKED[kind]
     prefix = "sparse" if sparse else "chunked"
     instead = (f"dk.{kind}(student, dk.TopK(indices, logprobs, tail=None, temperature=1.0, policy=None))" if sparse
                else f"dk.{kind}(..., impl='chunked') (or the default impl='auto')")
@@ -141,14 +141,14 @@ def _deprecated(kind: str, sparse: bool = False) -> Callable:
         if not torch.compiler.is_compiling():  # (dynamo cannot trace warnings.warn; the eager call warned already)
             warnings.warn(message, DeprecationWarning, stacklevel=3)
 
-    @functools.wraps(chunked_fn)
+    @functools.wraps(target)
     def fn(*args, **kwargs):
         warn()
-        return chunked_fn(*args, **kwargs)
+        return target(*args, **kwargs)
 
     def sum_count(*args, **kwargs):
         warn()
-        return chunked_fn.sum_count(*args, **kwargs)
+        return target.sum_count(*args, **kwargs)
 
     fn.sum_count = sum_count
     fn.kind = kind
