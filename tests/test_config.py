@@ -278,13 +278,13 @@ ERRORS = [
      [("terms.0", "hard_ce takes no teacher outputs")]),
     ("duplicate-names", {"version": 1, "terms": [{"loss": "kd_ce", "student": "logits"}] * 2},
      [("terms.1.name", r"duplicate term name 'kd_ce' \(also terms.0\)")]),
-    ("wrong-version", {"version": 2, "terms": []}, [("version", "expected version 1, got 2")]),
+    ("wrong-version", {"version": 3, "terms": []}, [("version", "expected version 1 or 2, got 3")]),
     ("missing-version", {"terms": []}, [("version", "Field required")]),
     ("wrong-kind", {"kind": "model", "version": 1, "terms": []}, [("<root>", "expected 'kind' to be 'spec' or")]),
     ("tasks", {"kind": "tasks", "version": 1, "specs": {"linear": {"terms": [{"loss": "zz", "student": "x"}]}}},
      [("specs.linear.terms.0.loss", "unknown loss 'zz'")]),
     ("tasks-version", {"kind": "tasks", "version": 1, "specs": {"a": {"version": 3, "terms": []}}},
-     [("specs.a.version", "expected version 1")]),
+     [("specs.a.version", "expected version 1 or 2")]),
     ("tasks-projections", {"kind": "tasks", "version": 1, "specs": {
         task: {"terms": [{"loss": "hidden_mse", "student": ["hidden", 0],
                           "proj": {"kind": "linear", "in_features": n, "out_features": 3}}]}
@@ -362,3 +362,19 @@ def test_written_configs_validate_against_the_schema():
     for spec in written:
         validator.validate(json.loads(dk.to_config(spec).model_dump_json()))
     assert not validator.is_valid({"version": 1, "terms": [{"loss": "kd_ce", "student": "logits", "x": 1}]})
+
+
+def test_version_1_files_load_upgraded_and_version_2_is_written():
+    v1 = {"version": 1, "terms": [{"loss": "chunked_kd_kl", "student": "logits", "options": {"temperature": 2.0,
+                                                                                              "chunk_size": 64}},
+                                  {"loss": "kd_ce", "student": "logits"}]}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the upgraded spec uses no deprecated name
+        spec = from_config(v1)
+        assert spec == dk.kd_kl.on("logits", temperature=2.0, chunk_size=64, impl="chunked").named(
+            "chunked_kd_kl") + dk.kd_ce.on("logits")
+    assert json.loads(dk.to_config(spec).model_dump_json())["version"] == 2
+    tasks = from_config({"kind": "tasks", "version": 1, "specs": {"a": {"terms": v1["terms"]}}})
+    assert tasks.specs[0][1]["chunked_kd_kl"].loss is dk.kd_kl

@@ -157,6 +157,7 @@ def from_config(config) -> Spec | Tasks:
             model = M.ADAPTER.validate_python(config)
         except ValidationError as error:
             raise config_error(problems(error), source) from None
+    model = upgrade(model)
     found: list[tuple[str, str]] = []
     if isinstance(model, M.SpecConfig):
         spec = _spec(model, "", found)
@@ -171,6 +172,36 @@ def from_config(config) -> Spec | Tasks:
     if found:
         raise config_error(found, source)
     return spec
+
+
+#: version 1 → 2: the chunked logit losses became ``impl="chunked"`` of the one name per divergence
+_RENAMED_V1 = {f"chunked_{kind}": kind for kind in ("kd_ce", "kd_kl", "reverse_kl", "jsd", "skew_kl", "tvd")}
+
+
+def upgrade(model: M.SpecConfig | M.TasksConfig) -> M.SpecConfig | M.TasksConfig:
+    """The same config in the current version (version-1 files keep loading): ``chunked_<kind>`` terms become
+    ``<kind>`` with ``impl="chunked"``. (The ``sparse_*`` names, deprecated too, still load as they are: their top-k
+    teacher mappings are not :class:`~distilkit.TopK` objects.)"""
+    if isinstance(model, M.TasksConfig):
+        return model.model_copy(update={"version": M.VERSION,
+                                        "specs": {k: upgrade(v) for k, v in model.specs.items()}})
+    if model.version == M.VERSION:
+        return model
+    terms = [_renamed(t) if t.loss in _RENAMED_V1 else t for t in model.terms]
+    return model.model_copy(update={"version": M.VERSION, "terms": terms})
+
+
+def _renamed(term: M.TermConfig) -> M.TermConfig:
+    """A version-1 ``chunked_<kind>`` term as ``<kind>`` with ``impl="chunked"``, keeping the name it had (metrics
+    and projection parameters are keyed by it)."""
+    name = term.name
+    if name is None:
+        try:
+            name = _term(get_loss(term.loss), term).name
+        except (TypeError, ValueError):  # reported when the upgraded term is built
+            name = None
+    return term.model_copy(update={"loss": _RENAMED_V1[term.loss], "options": {**term.options, "impl": "chunked"},
+                                   "name": name})
 
 
 def _spec(model: M.SpecConfig, prefix: str, found: list[tuple[str, str]]) -> Spec | None:

@@ -1,6 +1,6 @@
 """Pydantic models of spec files: one model per algebra node, frozen, ``extra="forbid"``, discriminated on ``kind``.
 
-A spec file is a :class:`SpecConfig` (``{"kind": "spec", "version": 1, "terms": [...]}``) or a :class:`TasksConfig`
+A spec file is a :class:`SpecConfig` (``{"kind": "spec", "version": 2, "terms": [...]}``) or a :class:`TasksConfig`
 (one spec per task). Schedules and adaptive temperatures are objects with a ``kind`` naming the
 ``dk.schedules`` / ``dk.temperature`` function and its arguments as fields; they are checked by building them, so a
 bad argument is reported at the schedule's path. Losses are names looked up in the registry (``dk.register_loss``)
@@ -22,6 +22,7 @@ from pydantic import (
     Strict,
     Tag,
     TypeAdapter,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -30,7 +31,9 @@ from pydantic import (
 from .. import schedules as S
 from .. import temperature as T
 
-VERSION = 1
+VERSION = 2
+#: the versions this distilkit reads; older ones are upgraded when read (``_convert.upgrade``).
+READS = (1, 2)
 
 
 class _Model(BaseModel):
@@ -307,9 +310,9 @@ class TermConfig(_Model):
 
 
 def _check_version(value: object) -> object:
-    if isinstance(value, bool) or value != VERSION:
-        raise ValueError(f"expected version {VERSION}, got {value!r}; this distilkit reads spec files of version "
-                         f"{VERSION}")
+    if isinstance(value, bool) or value not in READS:
+        raise ValueError(f"expected version 1 or 2, got {value!r}; this distilkit reads spec files of versions "
+                         f"{' and '.join(map(str, READS))} (it writes {VERSION})")
     return value
 
 
@@ -318,7 +321,7 @@ class SpecConfig(_Model):
     it)."""
 
     kind: Literal["spec"] = Field("spec", description="'spec'")
-    version: Literal[1] = Field(description="spec file format version (1)")
+    version: Literal[1, 2] = Field(description="spec file format version (2; 1 is read and upgraded)")
     terms: list[TermConfig] = Field(description="the terms, summed; their names must be unique")
 
     _version = field_validator("version", mode="before")(_check_version)
@@ -328,7 +331,7 @@ class TasksConfig(_Model):
     """Multi-task distillation (``dk.tasks``): one spec per task, chosen per batch by ``batch[key]``."""
 
     kind: Literal["tasks"] = Field("tasks", description="'tasks'")
-    version: Literal[1] = Field(description="spec file format version (1)")
+    version: Literal[1, 2] = Field(description="spec file format version (2; 1 is read and upgraded)")
     key: Annotated[str, Strict()] = Field("task", description="batch key holding the task name")
     specs: dict[str, SpecConfig] = Field(min_length=1, description="a spec per task name (their 'version' may be "
                                                                    "left out)")
@@ -337,10 +340,10 @@ class TasksConfig(_Model):
 
     @field_validator("specs", mode="before")
     @classmethod
-    def _nested_version(cls, value: object) -> object:
+    def _nested_version(cls, value: object, info: ValidationInfo) -> object:
         if isinstance(value, dict):
-            return {k: {"version": VERSION, **v} if isinstance(v, dict) and "version" not in v else v
-                    for k, v in value.items()}
+            return {k: {"version": info.data.get("version", VERSION), **v} if isinstance(v, dict) and "version" not in v
+                    else v for k, v in value.items()}
         return value
 
 
