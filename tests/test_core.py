@@ -477,3 +477,11 @@ def test_a_counts_key_that_no_term_uses_is_refused():
     f(so, to, batch, counts={"attention_mask": 7})
     with pytest.raises(KeyError, match=r"loss_fn: counts has keys \['atention_mask'\] that no term is normalised by"):
         f(so, to, batch, counts={"atention_mask": 7})
+
+
+def test_counts_may_name_the_mask_of_another_task():
+    so, to, batch = logits()
+    spec = dk.tasks({"a": dk.kd_kl.on("logits", mask="attention_mask"), "b": dk.kd_kl.on("logits", mask="other")})
+    out, _ = dk.loss_fn(spec)(so, to, {**batch, "task": "a"}, counts={"attention_mask": 7, "other": 3})
+    expected = dk.kd_kl.sum_count(so["logits"], to["logits"], mask=batch["attention_mask"])[0] / 7
+    torch.testing.assert_close(out, expected)

@@ -265,7 +265,8 @@ def prepare(spec: Spec | Tasks, student_out, teacher_out, batch, step, params, c
     device = input_device(inputs)
     check_params(where, chosen.terms, params)
     if isinstance(counts, Mapping):
-        used = {_count_key(t) for t in chosen.terms if t.loss.sum_count is not None}
+        every = [t for _, s in spec.specs for t in s.terms] if isinstance(spec, Tasks) else spec.terms  # any task's
+        used = {_count_key(t) for t in every if t.loss.sum_count is not None}
         unused = sorted(str(k) for k in counts if k not in used)
         if unused:
             raise KeyError(f"{where}: counts has keys {unused} that no term is normalised by; expected keys among "
