@@ -75,14 +75,24 @@ def evaluate_targets(device_type: str, summaries: dict[str, dict]) -> list[dict[
 
 def write(path_stem: Path, machine: dict, settings: dict, floors: dict | None, rows: list[Row],
           summaries: dict, targets: list[dict], notes: list[str] | None = None) -> tuple[Path, Path]:
-    path_stem.parent.mkdir(parents=True, exist_ok=True)
     data = {"schema": SCHEMA, "machine": machine, "settings": settings, "floors": floors,
             "rows": [r.to_json() for r in rows], "summaries": summaries, "targets": targets, "notes": notes or []}
+    return write_data(path_stem, data, markdown)
+
+
+def write_data(path_stem: Path, data: dict, to_markdown) -> tuple[Path, Path]:
+    """``<stem>.json`` (``data``) and ``<stem>.md`` (``to_markdown(data)``): every results file is written here."""
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
     json_path = path_stem.with_suffix(".json")
     json_path.write_text(json.dumps(data, indent=1, default=_default) + "\n")
     md_path = path_stem.with_suffix(".md")
-    md_path.write_text(markdown(data))
+    md_path.write_text(to_markdown(data))
     return json_path, md_path
+
+
+def notes_lines(data: dict) -> list[str]:
+    """The results markdown's closing "Notes" section (none without notes)."""
+    return ["## Notes", "", *(f"- {note}" for note in data["notes"]), ""] if data.get("notes") else []
 
 
 def _default(x):
@@ -91,7 +101,8 @@ def _default(x):
     return str(x)
 
 
-def _fmt(v, digits=2) -> str:
+def fmt(v, digits=2) -> str:
+    """A table cell: ``–`` for None, floats with ``digits`` decimals."""
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -122,7 +133,7 @@ def markdown(data: dict) -> str:
     lines += ["## Targets", "", "| target | value | goal | met | note |", "|---|---|---|---|---|"]
     for t in data["targets"]:
         met = {True: "yes", False: "**no**", None: "unmeasured"}[t["met"]]
-        lines.append(f"| {t['name']} | {_fmt(t['value'], 3)} | {t['goal']} | {met} | {t['note']} |")
+        lines.append(f"| {t['name']} | {fmt(t['value'], 3)} | {t['goal']} | {met} | {t['note']} |")
     lines.append("")
     suites = {}
     for r in data["rows"]:
@@ -137,10 +148,8 @@ def markdown(data: dict) -> str:
         for r in rows:
             note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
             lines.append(
-                f"| {r['name']} | {r['impl']} | {r['shape']} | {_fmt(r['time_ms'])} | {_fmt(r['time_iqr_ms'])} | "
-                f"{r['repeats']} | {_fmt(r['gbps'])} | {_fmt(r['floor_ms'])} | {_fmt(r['floor_ratio'])} | "
-                f"{_fmt(r['peak_mb'], 1)} | {note} |")
+                f"| {r['name']} | {r['impl']} | {r['shape']} | {fmt(r['time_ms'])} | {fmt(r['time_iqr_ms'])} | "
+                f"{r['repeats']} | {fmt(r['gbps'])} | {fmt(r['floor_ms'])} | {fmt(r['floor_ratio'])} | "
+                f"{fmt(r['peak_mb'], 1)} | {note} |")
         lines.append("")
-    if data.get("notes"):
-        lines += ["## Notes", "", *(f"- {note}" for note in data["notes"]), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + notes_lines(data))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -57,6 +56,7 @@ from .harness import (
     measure_interleaved,
     synchronize,
 )
+from .report import fmt, notes_lines, write_data
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOOP_EAGER = "loop: eager + torch.optim.SGD"
@@ -312,11 +312,7 @@ def run_size(size: Size, device: torch.device, *, backend: str, check_steps: int
 
 # ------------------------------------------------------------------------------------------------ results
 def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
+    return fmt(v, digits)
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -353,18 +349,12 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{_fmt(e['per_student_ms'])} | {_fmt(e['vs_compiled_vmap'], 2)} | "
                          f"{_fmt(e['first_call_s'], 2)} | {e['max_abs_diff']:.1e} |")
         lines.append("")
-    if data.get("notes"):
-        lines += ["## Notes", "", *(f"- {note}" for note in data["notes"]), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + notes_lines(data))
 
 
 def write(stem: Path, data: dict[str, Any]) -> tuple[Path, Path]:
     """``<stem>.json`` and ``<stem>.md``."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(data, indent=1) + "\n")
-    md_path.write_text(markdown(data))
-    return json_path, md_path
+    return write_data(stem, data, markdown)
 
 
 # ------------------------------------------------------------------------------------------------ the command
