@@ -82,13 +82,18 @@ class Projection:
         activation = ACTIVATIONS[self.kind]
         return linear if activation is None else nn.Sequential(linear, activation())
 
+    def parameter_prefix(self, name: str) -> str:
+        """Where term ``name``'s weight and bias sit in ``dict(init_params(spec).named_parameters())``: the linear
+        layer is the module itself, or item 0 of ``Sequential(linear, activation)``."""
+        return f"{name}." if self.kind == "linear" else f"{name}.0."
+
     def apply(self, params: nn.Module | Mapping[str, Tensor], name: str, x: Tensor) -> Tensor:
         """Project ``x`` with term ``name``'s parameters: ``params[name]`` of the module from :func:`init_params`,
         or the tensors ``{name}.weight`` / ``{name}.bias`` (``{name}.0.…`` for relu/tanh) of a mapping such as
         ``dict(params.named_parameters())`` or what ``torch.func.functional_call`` is given."""
         if isinstance(params, nn.Module):
             return params[name](x)
-        prefix = f"{name}." if self.kind == "linear" else f"{name}.0."
+        prefix = self.parameter_prefix(name)
         y = F.linear(x, params[prefix + "weight"], params[prefix + "bias"])
         if self.kind == "relu":
             return F.relu(y)
@@ -120,8 +125,7 @@ def check_params(where: str, terms, params) -> None:
         missing = [n for n in names if n not in getattr(params, "_modules", {})]
     elif isinstance(params, Mapping):
         missing = [t.name for t in projected
-                   if not all(f"{t.name}.{'' if t.proj.kind == 'linear' else '0.'}{p}" in params
-                              for p in ("weight", "bias"))]
+                   if not all(t.proj.parameter_prefix(t.name) + p in params for p in ("weight", "bias"))]
     else:
         raise TypeError(f"{where}: terms {names} have projections; pass params=dk.init_params(spec) (and put its "
                         "parameters in your optimizer), or a mapping of its tensors such as "
