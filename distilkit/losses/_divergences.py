@@ -64,7 +64,8 @@ def _path(api: str, impl: object, chunk_size: object, student: object, teacher: 
 
 @contextlib.contextmanager
 def _as(kind: str):
-    """Errors of the chunked implementation under the public name: ``kd_kl: ...``, not ``chunked_kd_kl: ...``."""
+    """Errors of the chunked implementation under the public name: ``kd_kl: ...``, not ``chunked_kd_kl: ...`` (other
+    errors pass unchanged)."""
     try:
         yield
     except (TypeError, ValueError) as error:
@@ -79,31 +80,28 @@ def _divergence(kind: str) -> Callable:
     """The public function of ``kind``: the dense one's signature and docstring, plus ``impl`` and ``chunk_size``."""
     dense_fn, chunked_fn, sparse_fn = getattr(dense, kind), _chunked.CHUNKED[kind], getattr(_sparse, f"sparse_{kind}")
 
-    def top_k(teacher: TopK, impl, chunk_size) -> dict:
-        if impl != "auto" or chunk_size is not None:
-            raise ValueError(f"{kind}: a dk.TopK teacher has one implementation; impl and chunk_size do not apply "
-                             f"(got impl={impl!r}, chunk_size={chunk_size!r}).")
-        return teacher.as_mapping()
+    def route(student, teacher, impl, chunk_size, options) -> tuple[Callable, tuple, dict]:
+        """The implementation for these inputs, with its positional and extra keyword arguments."""
+        if isinstance(teacher, TopK):
+            if impl != "auto" or chunk_size is not None:
+                raise ValueError(f"{kind}: a dk.TopK teacher has one implementation; impl and chunk_size do not "
+                                 f"apply (got impl={impl!r}, chunk_size={chunk_size!r}).")
+            return sparse_fn, (student, teacher.as_mapping()), {"policy": teacher.resolved_policy()}
+        if _path(kind, impl, chunk_size, student, teacher, options) == "dense":
+            return dense_fn, (student, teacher), {}
+        return chunked_fn, (student, teacher), {"chunk_size": chunk_size}
 
     @functools.wraps(dense_fn)
     def fn(student, teacher, *, impl: str = "auto", chunk_size: int | None = None, reduction: str = "mean",
            **options):
-        if isinstance(teacher, TopK):
-            mapping = top_k(teacher, impl, chunk_size)
-            return sparse_fn(student, mapping, policy=teacher.resolved_policy(), reduction=reduction, **options)
-        if _path(kind, impl, chunk_size, student, teacher, options) == "dense":
-            return dense_fn(student, teacher, reduction=reduction, **options)
+        chosen, args, extra = route(student, teacher, impl, chunk_size, options)
         with _as(kind):
-            return chunked_fn(student, teacher, chunk_size=chunk_size, reduction=reduction, **options)
+            return chosen(*args, reduction=reduction, **extra, **options)
 
     def sum_count(student, teacher, *, impl: str = "auto", chunk_size: int | None = None, **options):
-        if isinstance(teacher, TopK):
-            mapping = top_k(teacher, impl, chunk_size)
-            return sparse_fn.sum_count(student, mapping, policy=teacher.resolved_policy(), **options)
-        if _path(kind, impl, chunk_size, student, teacher, options) == "dense":
-            return dense_fn.sum_count(student, teacher, **options)
+        chosen, args, extra = route(student, teacher, impl, chunk_size, options)
         with _as(kind):
-            return chunked_fn.sum_count(student, teacher, chunk_size=chunk_size, **options)
+            return chosen.sum_count(*args, **extra, **options)
 
     signature = inspect.signature(dense_fn)
     extra = [inspect.Parameter("impl", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation="str"),
