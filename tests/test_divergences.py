@@ -3,11 +3,13 @@ takes the CPU kernel exactly where it may, and the ``chunked_*`` names are depre
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import distilkit as dk
-from distilkit.losses import _cpu_kernel
+from distilkit.losses import _cpu_kernel, _table
 
 KINDS = ["kd_ce", "kd_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
 EXTRA = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}}
@@ -170,3 +172,34 @@ def test_a_top_k_teacher_in_a_compiled_step():
     torch.testing.assert_close(compiled.loss, eager.loss)
     g_eager, g_compiled = (torch.autograd.grad(o.loss, s)[0] for o in (eager, compiled))
     torch.testing.assert_close(g_compiled, g_eager)
+
+
+# ------------------------------------------------------------------------------------- the divergence table
+@pytest.mark.parametrize("kind", list(_table.TABLE))
+@pytest.mark.parametrize("neg_inf", ["none", "teacher", "student", "both"])
+def test_table_closed_form_gradient_is_the_gradient_of_its_value(kind, neg_inf):
+    """The chunked, fused and kernel paths use ``grad``; the dense and top-k paths differentiate ``value``: one table
+    row, so the two must agree, −inf logits included (where the value is +inf: the gradient of the finite terms)."""
+    gen = torch.Generator().manual_seed(3)
+    xs, xt = (torch.randn(5, 9, generator=gen, dtype=torch.float64) * 2 for _ in range(2))
+    if neg_inf in ("teacher", "both"):
+        xt[:, 1] = -math.inf
+    if neg_inf in ("student", "both"):
+        xs[:, 4] = -math.inf
+    params = [None] if _table.TABLE[kind].param is None else [0.0, 0.3, 1.0, torch.tensor(0.0, dtype=torch.float64),
+                                                               torch.tensor(0.3, dtype=torch.float64)]
+    for param in params:
+        x = xs.clone().requires_grad_()
+        value = _table.value(kind, torch.log_softmax(x, -1), torch.log_softmax(xt, -1), param)
+        (autograd,) = torch.autograd.grad(value.sum(), x)
+        rows, closed = _table.rows_and_grad(kind, xs, xt, param)
+        torch.testing.assert_close(rows, value.detach(), rtol=1e-12, atol=0)
+        assert closed.isfinite().all() and autograd.isfinite().all(), (kind, param)
+        torch.testing.assert_close(closed, autograd, rtol=1e-9, atol=1e-12, msg=f"{kind} {param}")
+
+
+def test_the_kernel_numbers_the_kinds_as_the_table():
+    assert tuple(_table.TABLE) == _cpu_kernel.KINDS
+    assert tuple(f"-D{k.upper()}={i}" for i, k in enumerate(_table.TABLE)) == _cpu_kernel.DEFINES
+    source = _cpu_kernel.SOURCE.read_text()
+    assert "enum {" not in source  # (no second numbering in the C source)

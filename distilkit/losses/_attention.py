@@ -16,8 +16,8 @@ from einops import rearrange
 from torch import Tensor
 
 from . import _checks as check
-from ._logits import _kl_rows
 from ._reduce import Parts, masked_loss
+from ._table import kl_rows
 
 
 def _maps(api: str, student, teacher, mask, *, zero_keys: bool = True):
@@ -56,7 +56,7 @@ def _log_softmax_over(scores: Tensor, keys: Tensor | None) -> Tensor:
 
 def _kl_over_kept_keys(student_scores: Tensor, teacher_scores: Tensor, keep: Tensor | None) -> Parts:
     keys = _keys(keep)
-    rows = _kl_rows(_log_softmax_over(teacher_scores, keys), _log_softmax_over(student_scores, keys))
+    rows = kl_rows(_log_softmax_over(teacher_scores, keys), _log_softmax_over(student_scores, keys))
     return Parts(rows, _queries(keep))
 
 

@@ -3,23 +3,18 @@
 ``chunked_kd_kl(student, teacher, ...)`` equals :func:`distilkit.losses.kd_kl` (same options, same (sum, count),
 same reductions) but never holds more than one chunk of rows of full-vocabulary float32 temporaries: the rows of
 ``[..., V]`` logits are processed ``chunk_size`` at a time, and for each chunk the forward pass computes both the
-per-row divergence and its gradient with respect to the student logits in closed form,
-
-* kd_ce / kd_kl:  ∂/∂x_S = p_S − p_T  (x = z / T),
-* reverse_kl:     ∂/∂x_S = p_S ⊙ (log p_S − log p_T − KL(p_S‖p_T)),
-* jsd / skew_kl / tvd: ∂/∂x_S = p_S ⊙ (a − ⟨p_S, a⟩) with a = ∂row/∂p_S
-  (jsd: (1−β)(log p_S − log m); skew_kl: −(1−α) p_T / m; tvd: ½ sign(p_S − p_T)),
-
-times ``T² / T`` per row (the T² factor of Hinton et al., 2015, and ∂x/∂z = 1/T). The gradient is written once into
-a buffer of the student's shape and dtype; the backward pass only scales it by the incoming gradient (and on the
-CPU, outside ``torch.compile``, skips even that when the incoming gradient is exactly 1, as after
-``loss.backward()``). This is what Liger-Kernel's chunked losses do with ``torch.func.grad_and_value``
-(``src/liger_kernel/chunked_loss/fused_linear_distillation.py``); the closed forms avoid a second softmax pass.
+per-row divergence and its gradient with respect to the student logits ``x = z / T`` in closed form, both from the
+divergence table (:mod:`distilkit.losses._table`), times ``T² / T`` per row (the T² factor of Hinton et al., 2015,
+and ∂x/∂z = 1/T). The gradient is written once into a buffer of the student's shape and dtype; the backward pass
+only scales it by the incoming gradient (and on the CPU, outside ``torch.compile``, skips even that when the
+incoming gradient is exactly 1, as after ``loss.backward()``). This is what Liger-Kernel's chunked losses do with
+``torch.func.grad_and_value`` (``src/liger_kernel/chunked_loss/fused_linear_distillation.py``); the closed forms
+avoid a second softmax pass. On accelerators the chunk body is compiled (:func:`chunk_body`).
 
 On the CPU, float32 logits skip the chunk loop: :mod:`distilkit.losses._cpu_kernel` computes every row in one C sweep
 (the same formulas; its temporaries are one row per thread, so ``chunk_size`` does not apply there).
 
-Costs per element: two to three ``exp`` (the floor is two), the logits read once, the gradient written once. The
+The C kernel costs two ``exp`` per element (the floor), reads the logits once and writes the gradient once. The
 functions compile with ``torch.compile(fullgraph=True)`` (the chunk loop unrolls; by default at most
 ``_MAX_CHUNKS_COMPILED`` chunks when compiling) and never synchronise with the host. Double backward is not
 supported, and each graph may be backpropagated once (the gradient buffer is scaled in place).
@@ -27,15 +22,17 @@ supported, and each graph may be backpropagated once (the gradient buffer is sca
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 from . import _checks as check
 from . import _cpu_kernel
-from ._logits import _log_mixture
+from . import _table as table
 from ._reduce import REDUCTIONS
 
-KINDS = _cpu_kernel.KINDS  # the kernel numbers the kinds in this order
+KINDS = table.KINDS
 
 #: default bytes of one ``[rows, V]`` float32 temporary: L2-sized on the CPU, large on accelerators.
 CPU_CHUNK_BYTES = 1 << 20
@@ -72,106 +69,54 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.linalg.vecdot(a, b)
+def _body(kind: str, zs: Tensor, zt: Tensor, temp, factor, param, t2_scale: bool,
+          keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One chunk: rows of the divergence table's ``kind`` (times T² with ``t2_scale``) and ``factor · ∂row/∂x_S``,
+    0 in dropped rows (selected, so garbage there never leaks). ``zs``, ``zt``: ``[c, V]`` logits of any dtype;
+    ``temp``, ``factor``: floats, 0-d or ``[c, 1]`` tensors."""
+    dtype = compute_dtype(zs)
+    rows, grad = table.rows_and_grad(kind, zs.to(dtype) / temp, zt.to(dtype) / temp, param)
+    grad = grad * factor
+    if t2_scale:
+        rows = rows * (temp.squeeze(-1) if isinstance(temp, Tensor) and temp.ndim else temp) ** 2
+    if keep is not None:
+        rows = rows.masked_fill(~keep, 0)
+        grad = grad.masked_fill(~keep.unsqueeze(-1), 0)
+    return rows, grad
 
 
-def _softmax_chain(ps: Tensor, a: Tensor) -> Tensor:
-    """``∂row/∂x = p ⊙ (a − ⟨p, a⟩)`` for ``a = ∂row/∂p`` (the softmax Jacobian-vector product)."""
-    return ps * (a - _dot(ps, a).unsqueeze(-1))
+_compiled_body = None
+_compile_body: bool | None = None  # None: on accelerators only
 
 
-def _log_softmax_(x: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
-    """``x`` (a workspace) becomes ``log_softmax(x)`` and ``probs`` (a workspace) ``softmax(x)``, with one ``exp``
-    per element and no allocation of full-vocabulary temporaries."""
-    x.sub_(x.amax(-1, keepdim=True))
-    torch.exp(x, out=probs)
-    total = probs.sum(-1, keepdim=True)
-    probs.mul_(total.reciprocal())
-    return x.sub_(total.log()), probs
+def chunk_body(kind: str, zs: Tensor, zt: Tensor, temp, factor, param, t2_scale: bool, keep: Tensor | None):
+    """:func:`_body`, compiled with ``torch.compile`` on accelerators (one fused kernel per chunk instead of about
+    twenty elementwise passes; Liger-Kernel compiles its chunk body the same way) and where
+    :func:`compiled_chunk_body` asks for it; eager otherwise (inside an outer ``torch.compile``, which traces it)."""
+    global _compiled_body
+    use = _compile_body if _compile_body is not None else zs.device.type != "cpu"
+    if not use or torch.compiler.is_compiling():
+        return _body(kind, zs, zt, temp, factor, param, t2_scale, keep)
+    if _compiled_body is None:
+        _compiled_body = torch.compile(_body, dynamic=True, fullgraph=True)
+
+    def lift(x):  # floats as 0-d tensors: one graph for every temperature
+        return torch.tensor(x, dtype=compute_dtype(zs), device=zs.device) if isinstance(x, float) else x
+
+    return _compiled_body(kind, zs, zt, lift(temp), lift(factor), lift(param), t2_scale, keep)
 
 
-def _where_mass(p: Tensor, x: Tensor) -> Tensor:
-    """``x`` (in place) with 0 where ``p`` = 0, so that ``p · x`` is 0 there (0·log 0 = 0, also at −inf logits)."""
-    return x.masked_fill_(p == 0, 0.0)
-
-
-def _forward_kl(ls: Tensor, lt: Tensor, ps: Tensor, pt: Tensor) -> tuple[Tensor, Tensor]:
-    return _where_mass(pt, lt.sub_(ls)).mul_(pt).sum(-1), ps.sub_(pt)
-
-
-def _reverse_kl(ls: Tensor, lt: Tensor, ps: Tensor, pt: Tensor) -> tuple[Tensor, Tensor]:
-    diff = _where_mass(ps, ls.sub_(lt))
-    rows = torch.mul(ps, diff, out=lt).sum(-1)
-    return rows, ps.mul_(diff.sub_(rows.unsqueeze(-1)))
-
-
-_IN_PLACE = ("kd_ce", "kd_kl", "reverse_kl")  # their gradient is returned in work[0]
-
-
-def _row_view(x):
-    return x.squeeze(-1) if isinstance(x, Tensor) and x.ndim == 2 else x
-
-
-def kd_ce_rows_and_grad(zs: Tensor, zt: Tensor, temp, factor, xs: Tensor, xt: Tensor, pt: Tensor | None,
-                        out: Tensor) -> tuple[Tensor, Tensor]:
-    """kd_ce's fast path: rows ``−Σ p_T log p_S`` and ``factor · (p_S − p_T)`` written into ``out``.
-
-    ``zs``, ``zt``: ``[c, V]`` logits (any dtype); ``temp`` / ``factor``: float, 0-d or ``[c, 1]``; ``xs``, ``xt``,
-    ``out``: ``[c, V]`` compute-dtype workspaces (``zs`` / ``zt`` may be ``xs`` / ``xt`` themselves); ``pt`` a fourth
-    one, or None to reuse ``xt``. Two ``exp`` per element and 14 passes over the (cached)
-    chunk, using ``Σ p_T = 1``: ``−Σ p_T log p_S = logsumexp(x_S) − Σ p_T x_S``.
-    """
-    pt = scaled_(xt if pt is None else pt, zt, temp)
-    pt.sub_(pt.amax(-1, keepdim=True)).exp_()
-    pt.mul_(factor / pt.sum(-1, keepdim=True))  # factor · p_T
-    xs = scaled_(xs, zs, temp)
-    dot = _where_mass(pt, torch.mul(pt, xs, out=out)).sum(-1) / _row_view(factor)  # Σ p_T x_S (``out``: scratch)
-    ms = xs.amax(-1, keepdim=True)
-    torch.exp(xs.sub_(ms), out=out)
-    ss = out.sum(-1, keepdim=True)
-    rows = (ms + ss.log()).squeeze(-1) - dot
-    return rows, out.mul_(factor / ss).sub_(pt)
-
-
-def rows_and_grad(kind: str, xs: Tensor, xt: Tensor, param: float | Tensor | None = None,
-                  work: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Per-row divergence of ``softmax(xs)`` from ``softmax(xt)`` and its gradient with respect to ``xs``, without
-    the T² factor. ``xs``, ``xt`` (``[c, V]`` temperature-scaled logits in the compute dtype) are overwritten: they
-    and ``work`` (two more ``[c, V]`` buffers; allocated when None) are the only full-vocabulary temporaries.
-    ``param`` is jsd's β or skew_kl's α. Returns ``(rows [c], grad [c, V])``; ``grad`` is one of the workspaces."""
-    ps, pt = work if work is not None else (torch.empty_like(xs), torch.empty_like(xt))
-    ls, ps = _log_softmax_(xs, ps)
-    lt, pt = _log_softmax_(xt, pt)
-    if kind == "kd_ce":
-        return _where_mass(pt, ls).mul_(pt).sum(-1).neg_(), ps.sub_(pt)
-    if kind == "kd_kl":
-        return _forward_kl(ls, lt, ps, pt)
-    if kind == "reverse_kl":
-        return _reverse_kl(ls, lt, ps, pt)
-    if kind == "tvd":
-        diff = ps - pt
-        rows = 0.5 * diff.abs().sum(-1)
-        return rows, _softmax_chain(ps, 0.5 * diff.sign_())
-    if kind == "skew_kl":
-        a = param
-        lt_m = _where_mass(pt, lt - _log_mixture(lt, ls, a))
-        rows = _dot(pt, lt_m)
-        return rows, _softmax_chain(ps, _where_mass(pt, -(1 - a) * lt_m.exp_()))
-    if kind == "jsd":
-        b = param
-        if isinstance(b, float) and b in (0.0, 1.0):
-            return _forward_kl(ls, lt, ps, pt) if b == 0.0 else _reverse_kl(ls, lt, ps, pt)
-        lm = _log_mixture(lt, ls, b)
-        ls_m = _where_mass(ps, ls - lm)
-        rows = b * _dot(pt, _where_mass(pt, lt - lm)) + (1 - b) * _dot(ps, ls_m)
-        grad = _softmax_chain(ps, (1 - b) * ls_m)
-        if isinstance(b, float):
-            return rows, grad
-        (fr, fg), (rr, rg) = _forward_kl(ls.clone(), lt.clone(), ps.clone(), pt), _reverse_kl(ls, lt, ps, pt)
-        rows = torch.where(b == 0, fr, torch.where(b == 1, rr, rows))
-        return rows, torch.where(b == 0, fg, torch.where(b == 1, rg, grad))
-    raise ValueError(f"rows_and_grad: expected kind in {KINDS}, got {kind!r}.")
+@contextlib.contextmanager
+def compiled_chunk_body(enabled: bool = True):
+    """Within the block, the torch chunk loop of the chunked and fused paths compiles its chunk body
+    (``enabled=True``) or runs it eagerly (``False``); outside, it is compiled on accelerators and eager on the
+    CPU (where float32 takes the C kernel instead)."""
+    global _compile_body
+    before, _compile_body = _compile_body, bool(enabled)
+    try:
+        yield
+    finally:
+        _compile_body = before
 
 
 def _scale_saved(grad: Tensor, g: Tensor, ctx) -> Tensor:
@@ -186,15 +131,6 @@ def _scale_saved(grad: Tensor, g: Tensor, ctx) -> Tensor:
     if g.ndim == 0 and g.device.type == "cpu" and bool(g == 1):  # CPU: reading the value costs no sync
         return grad
     return grad.mul_(g.unsqueeze(-1) if g.ndim else g)
-
-
-def scaled_(out: Tensor, z: Tensor, temp) -> Tensor:
-    """``out = z / temp`` in ``out``'s dtype (``z`` is upcast, never multiplied in a lower precision)."""
-    if isinstance(temp, float) and temp == 1.0:
-        return out if out is z else out.copy_(z)
-    if z.dtype == out.dtype:
-        return torch.mul(z, 1.0 / temp, out=out) if not isinstance(temp, Tensor) else torch.div(z, temp, out=out)
-    return out.copy_(z).div_(temp)
 
 
 def kernel_rows(student: Tensor, teacher: Tensor, grad: Tensor, temp, keep, scale, kind: str, param,
@@ -229,37 +165,14 @@ class _ChunkedDivergence(torch.autograd.Function):
             return finish_rows(rows_out, per_row, divisor)
         grad = torch.empty_like(student, memory_format=torch.contiguous_format)
         rows_out = torch.empty(n, dtype=dtype, device=student.device)
-        rows_c = min(chunk, n)
-        direct = grad.dtype == dtype
-        xs, xt, wt = (torch.empty(rows_c, student.shape[1], dtype=dtype, device=student.device) for _ in range(3))
-        ws = None if direct else torch.empty_like(xs)
-        in_place = kind in _IN_PLACE or (kind == "jsd" and isinstance(param, float) and param in (0.0, 1.0))
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
-            c = j - i
             t_c = temp[i:j].to(dtype).unsqueeze(-1) if isinstance(temp, Tensor) and temp.ndim else temp
-            # The student's probabilities (then the gradient) go straight into the gradient buffer when it has the
-            # compute dtype: one pass fewer.
-            work = (grad[i:j] if direct else ws[:c], wt[:c])
             factor = t_c if t2_scale else 1.0 / t_c  # T²/T or 1/T
             if divisor is not None:
                 factor = factor / divisor
-            if kind == "kd_ce":
-                rows, dx = kd_ce_rows_and_grad(student[i:j], teacher[i:j], t_c, factor, xs[:c], xt[:c], None,
-                                               work[0])
-            else:
-                rows, dx = rows_and_grad(kind, scaled_(xs[:c], student[i:j], t_c),
-                                         scaled_(xt[:c], teacher[i:j], t_c), param, work)
-                dx = dx.mul_(factor)
-            if t2_scale:
-                rows = rows * (t_c.squeeze(-1) if isinstance(t_c, Tensor) and t_c.ndim else t_c) ** 2
-            if keep is not None:  # masked_fill, not a product: garbage (inf, NaN) in masked rows never leaks
-                drop = ~keep[i:j]
-                rows = rows.masked_fill(drop, 0)
-                dx = dx.masked_fill_(drop.unsqueeze(-1), 0)
-            if not (direct and in_place):
-                grad[i:j] = dx
-            rows_out[i:j] = rows
+            rows_out[i:j], grad[i:j] = chunk_body(kind, student[i:j], teacher[i:j], t_c, factor, param, t2_scale,
+                                                  None if keep is None else keep[i:j])
         ctx.save_for_backward(grad)
         ctx.per_row = per_row
         return finish_rows(rows_out, per_row, divisor)

@@ -33,11 +33,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import _table as table
+
 SOURCE = Path(__file__).with_name("_rows_kernel.c")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math",
          "-fassociative-math", "-fno-signed-zeros", "-freciprocal-math", "-fPIC", "-shared", "-pthread")
-#: the divergences, numbered as the kernel's ``enum`` numbers them (the chunked losses share this tuple).
-KINDS = ("kd_ce", "kd_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+#: the divergences, numbered by the divergence table; the kernel is built with ``-DKD_CE=0 -DKD_KL=1 ...`` from it.
+KINDS = table.KINDS
+DEFINES = tuple(f"-D{kind.upper()}={i}" for i, kind in enumerate(KINDS))
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -86,8 +89,8 @@ def _compile(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run([compiler, *FLAGS, *DEFINES, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                                text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
         os.replace(tmp, target)
@@ -102,8 +105,8 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError(f"no C compiler found ({'$CC=' + repr(compiler) + ' is not' if compiler else 'none'} on "
                            "the PATH; install gcc or clang, or set $CC)")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _processor().encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + DEFINES).encode(), compiler.encode(),
+                                     _processor().encode(), platform.machine().encode()])).hexdigest()[:16]
     errors = []
     for cache in _cache_dirs():
         target = cache / "kernels" / f"rows_kernel-{key}.so"
@@ -253,10 +256,7 @@ def rows_grad(student: Tensor, teacher: Tensor, grad: Tensor, inv_temp: Tensor, 
     n, v = student.shape
     rows = torch.empty(n, dtype=torch.float32)
     value = float(param)
-    if KINDS[kind] == "jsd" and value in (0.0, 1.0):  # jsd's defined endpoints
-        kind = KINDS.index("kd_kl" if value == 0.0 else "reverse_kl")
-    elif KINDS[kind] == "skew_kl" and value == 0.0:  # KL(p_T ‖ p_S): the mixture would need log p_S = log 0 there
-        kind = KINDS.index("kd_kl")
+    kind = KINDS.index(table.resolve(KINDS[kind], value))  # the table's defined end points (jsd's β = 0, 1, ...)
     vectors = [x.contiguous() for x in (inv_temp, gscale, rscale)]
     keep_c = None if keep is None else keep.contiguous().view(torch.uint8)  # alive until the call returns
     keep_ptr = None if keep_c is None else keep_c.data_ptr()

@@ -29,13 +29,11 @@ from ._chunked import (
     _scale_saved,
     check_chunk_size,
     check_reduction,
+    chunk_body,
     compute_dtype,
     finish_rows,
-    kd_ce_rows_and_grad,
     kernel_rows,
     prepare_rows,
-    rows_and_grad,
-    scaled_,
 )
 
 LOSSES = {"kl": "kd_kl", "ce": "kd_ce", "reverse_kl": "reverse_kl", "jsd": "jsd", "skew_kl": "skew_kl", "tvd": "tvd"}
@@ -76,7 +74,6 @@ class _Chunks:
         c = min(chunk, self.n)
         new = lambda: torch.empty(c, vocab, dtype=self.dtype, device=hs.device)  # noqa: E731
         self.xs, self.xt, self.out = new(), new(), new()
-        self.pt = None if kind == "kd_ce" else new()
         # matrix products in the inputs' dtype (bf16 on accelerators), written straight into the float32 buffers
         # when the dtypes agree
         self.direct_s = hs.dtype == self.dtype and ws.dtype == self.dtype
@@ -105,19 +102,8 @@ class _Chunks:
             factor = factor * scale[i:j].unsqueeze(-1)
         elif scale is not None:
             factor = factor * scale
-        if self.kind == "kd_ce":
-            rows, grad = kd_ce_rows_and_grad(zs, zt, t_c, factor, xs, xt, None, out)
-        else:
-            rows, grad = rows_and_grad(self.kind, scaled_(xs, zs, t_c), scaled_(xt, zt, t_c), self.param,
-                                       (out, self.pt[:c]))
-            grad = grad.mul_(factor)
-        if self.t2:
-            rows = rows * (t_c.squeeze(-1) if isinstance(t_c, Tensor) and t_c.ndim else t_c) ** 2
-        if self.keep is not None:
-            drop = ~self.keep[i:j]
-            rows = rows.masked_fill(drop, 0)
-            grad = grad.masked_fill_(drop.unsqueeze(-1), 0)
-        return rows, grad
+        return chunk_body(self.kind, zs, zt, t_c, factor, self.param, self.t2,
+                          None if self.keep is None else self.keep[i:j])
 
     def accumulate(self, i, j, grad, g_hs, g_ws, g_bs):
         """Fold the logits' gradient of rows ``i:j`` into the parameter and hidden-state gradients."""

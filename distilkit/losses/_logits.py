@@ -8,29 +8,26 @@ of T), and reduced over the kept rows.
 −inf logits (padded or banned classes) are exact, with 0·log 0 = 0: a class that is −inf in both models, or that
 has no mass under the distribution weighing the term, adds 0 to the value and nothing but finite numbers to the
 gradient. A divergence that is truly infinite is +inf: kd_ce and kd_kl where the teacher has mass on a class the
-student gives −inf (their gradients stay finite), reverse_kl where the student has mass on a class the teacher gives
-−inf (its gradient is not finite there). jsd, skew_kl (α > 0) and tvd are always finite.
+student gives −inf, reverse_kl where the student has mass on a class the teacher gives −inf; their gradients stay
+finite (an infinite term adds none). jsd, skew_kl (α > 0) and tvd are always finite. The formulas are those of the
+divergence table, :mod:`distilkit.losses._table`.
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks as check
+from . import _table as table
 from ._reduce import Parts, masked_loss
 
-RowFn = Callable[[Tensor, Tensor], Tensor]  # (log p_S, log p_T) -> per-row value
 
-
-def _soft_rows(api, row_fn: RowFn, student, teacher, temperature, mask, t2_scale: bool) -> Parts:
-    """Checks, upcast, temperature, log-softmax; ``row_fn`` gives the per-row divergence."""
-    zs, zt, temp, keep = _scaled_logits(api, student, teacher, temperature, mask)
-    values = row_fn(F.log_softmax(zs, dim=-1), F.log_softmax(zt, dim=-1))
+def _soft_rows(kind: str, student, teacher, temperature, mask, t2_scale: bool, param=None) -> Parts:
+    """Checks, upcast, temperature, log-softmax; the divergence table gives the per-row value."""
+    zs, zt, temp, keep = _scaled_logits(kind, student, teacher, temperature, mask)
+    values = table.value(kind, F.log_softmax(zs, dim=-1), F.log_softmax(zt, dim=-1), param)
     if t2_scale:
         values = values * temp**2
     return Parts(values, keep)
@@ -52,34 +49,6 @@ def _scaled_logits(api, student, teacher, temperature, mask):
     return s / column, t / column, temp, keep
 
 
-def _log(value: float | Tensor) -> float | Tensor:
-    if isinstance(value, Tensor):
-        return value.log()
-    return math.log(value) if value > 0 else -math.inf
-
-
-_NEG_INF = float("-inf")
-
-
-def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float | Tensor) -> Tensor:
-    """log(w·p + (1−w)·q), stable, with w = 0 or 1 allowed; −inf (with zero gradient) where both terms are 0."""
-    a, b = log_p + _log(weight), log_q + _log(1 - weight)
-    dead = (a == _NEG_INF) & (b == _NEG_INF)  # logaddexp's gradient there would be 0/0
-    mixed = torch.logaddexp(torch.where(dead, 0.0, a), torch.where(dead, 0.0, b))
-    return torch.where(dead, _NEG_INF, mixed)
-
-
-def _p_times(p: Tensor, value: Tensor) -> Tensor:
-    """``p · value`` with 0 · anything = 0 where ``p`` = 0 (0·log 0 = 0), in value and gradient: ``value`` is selected
-    before the product, so a −inf or NaN there never reaches either."""
-    return p * torch.where(p > 0, value, 0.0)
-
-
-def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Σ p (log p − log q) over the last dimension, exact at −inf: 0 where p = 0; +inf where p > 0 = q."""
-    return _p_times(log_p.exp(), log_p - log_q).sum(-1)
-
-
 @masked_loss
 def kd_ce(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None, t2_scale: bool = True) -> Parts:
     r"""Soft cross-entropy ``T² · −Σ_v p_T log p_S`` per kept row, ``p = softmax(z / T)``.
@@ -95,14 +64,13 @@ def kd_ce(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None, t2_sc
         t2_scale: multiply each row by ``T²``.
         reduction: ``"mean"`` over kept rows, ``"sum"``, or ``"none"`` (per row, 0 where masked).
     """
-    return _soft_rows("kd_ce", lambda ls, lt: -_p_times(lt.exp(), ls).sum(-1), student, teacher, temperature, mask,
-                      t2_scale)
+    return _soft_rows("kd_ce", student, teacher, temperature, mask, t2_scale)
 
 
 @masked_loss
 def kd_kl(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None, t2_scale: bool = True) -> Parts:
     r"""Forward KL ``T² · Σ_v p_T (log p_T − log p_S)`` per kept row (mean-seeking), as :func:`kd_ce`."""
-    return _soft_rows("kd_kl", lambda ls, lt: _kl_rows(lt, ls), student, teacher, temperature, mask, t2_scale)
+    return _soft_rows("kd_kl", student, teacher, temperature, mask, t2_scale)
 
 
 @masked_loss
@@ -111,7 +79,7 @@ def reverse_kl(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None, 
 
     As used for LLM distillation by MiniLLM (Gu et al., 2024, arXiv:2306.08543). Options as :func:`kd_ce`.
     """
-    return _soft_rows("reverse_kl", _kl_rows, student, teacher, temperature, mask, t2_scale)
+    return _soft_rows("reverse_kl", student, teacher, temperature, mask, t2_scale)
 
 
 @masked_loss
@@ -125,17 +93,7 @@ def jsd(student: Tensor, teacher: Tensor, *, beta=0.5, temperature=1.0, mask=Non
     the value jumps at β = 0 and β = 1.
     """
     b = check.unit_interval("jsd", "beta", beta)
-
-    def rows(ls: Tensor, lt: Tensor) -> Tensor:
-        if isinstance(b, float) and b in (0.0, 1.0):
-            return _kl_rows(lt, ls) if b == 0.0 else _kl_rows(ls, lt)
-        lm = _log_mixture(lt, ls, b)
-        mixed = b * _kl_rows(lt, lm) + (1 - b) * _kl_rows(ls, lm)
-        if isinstance(b, float):
-            return mixed
-        return torch.where(b == 0, _kl_rows(lt, ls), torch.where(b == 1, _kl_rows(ls, lt), mixed))
-
-    return _soft_rows("jsd", rows, student, teacher, temperature, mask, t2_scale)
+    return _soft_rows("jsd", student, teacher, temperature, mask, t2_scale, b)
 
 
 @masked_loss
@@ -148,8 +106,7 @@ def skew_kl(student: Tensor, teacher: Tensor, *, alpha=0.1, temperature=1.0, mas
     KL); other options as :func:`kd_ce`.
     """
     a = check.unit_interval("skew_kl", "alpha", alpha)
-    return _soft_rows("skew_kl", lambda ls, lt: _kl_rows(lt, _log_mixture(lt, ls, a)), student, teacher,
-                      temperature, mask, t2_scale)
+    return _soft_rows("skew_kl", student, teacher, temperature, mask, t2_scale, a)
 
 
 @masked_loss
@@ -159,8 +116,7 @@ def tvd(student: Tensor, teacher: Tensor, *, temperature=1.0, mask=None, t2_scal
     TVD shrinks only like 1/T as the temperature grows (KL shrinks like 1/T²), so with ``t2_scale`` it grows with T;
     pass ``t2_scale=False`` to keep it in [0, 1].
     """
-    return _soft_rows("tvd", lambda ls, lt: 0.5 * (lt.exp() - ls.exp()).abs().sum(-1), student, teacher,
-                      temperature, mask, t2_scale)
+    return _soft_rows("tvd", student, teacher, temperature, mask, t2_scale)
 
 
 @masked_loss

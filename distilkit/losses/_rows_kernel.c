@@ -2,7 +2,8 @@
  *
  * For each kept row r of the [n, v] float32 logits s (student) and t (teacher), with x = z / T:
  *   rows[r] = rscale[r] * D(softmax(x_s) || softmax(x_t)),   grad[r, :] = gscale[r] * dD/dx_s.
- * The formulas are those of distilkit/losses/_chunked.py (kinds in the same order as its KINDS). A row is read
+ * The formulas are those of the divergence table, distilkit/losses/_table.py, which also numbers the kinds: the
+ * build passes -DKD_CE=0 -DKD_KL=1 ... (distilkit/losses/_cpu_kernel.py, DEFINES). A row is read
  * from memory once (its maxima); the exponentials and the gradient then work on the row while it sits in the
  * cache: two exp per element (plus one log for jsd / skew_kl), the logits read once, the gradient written once.
  * Dropped rows get 0 and a zero gradient without reading their logits. Rows are split over nthreads threads.
@@ -14,7 +15,9 @@
 #include <string.h>
 #include <sys/mman.h>
 
-enum { KD_CE = 0, KD_KL = 1, REVERSE_KL = 2, JSD = 3, SKEW_KL = 4, TVD = 5 };
+#if !defined(KD_CE) || !defined(KD_KL) || !defined(REVERSE_KL) || !defined(JSD) || !defined(SKEW_KL) || !defined(TVD)
+#error "build through distilkit/losses/_cpu_kernel.py: it defines the kind numbers from the divergence table"
+#endif
 
 typedef struct {
     const float *s, *t;
@@ -140,6 +143,8 @@ static void one_row(const job_t *j, int64_t r, const float *next_s, const float 
      * blocks, each also prefetching the same block of the next row, so that row's maxima read the cache, not
      * memory, and the memory traffic overlaps the arithmetic. */
     float ss = 0.0f, st = 0.0f, dot = 0.0f;
+    int infinite = 0;
+    float lost = 0.0f; /* reverse_kl: the student's mass on the infinite terms */
     const int kind = j->kind;
     for (int64_t b = 0; b < v; b += BLOCK) {
         const int64_t e = b + BLOCK < v ? b + BLOCK : v;
@@ -157,11 +162,15 @@ static void one_row(const job_t *j, int64_t r, const float *next_s, const float 
             }
         } else if (kind == KD_KL || kind == REVERSE_KL) {
             /* kd_kl: <e_T, x'_T - x'_S>; reverse_kl: <e_S, x'_S - x'_T>; 0 where the weight is 0 (-inf logits). */
+            /* reverse_kl: a term where the teacher is -inf and the student is not is +inf; it is counted in
+             * infinite and left out of the dot product (it adds nothing to the gradient: the table's rule). */
             const int rev = kind == REVERSE_KL;
             for (int64_t i = b; i < e; i++) {
                 float xs = (s[i] - ms) * it, xt = (t[i] - mt) * it, et = dk_exp(xt), es = dk_exp(xs);
                 float p = rev ? es : et, d = rev ? xs - xt : xt - xs;
-                g[i] = es; w[i] = et; bs += es; bt += et; bd += p > 0.0f ? p * d : 0.0f;
+                int inf_term = rev && p > 0.0f && t[i] == -INFINITY;
+                g[i] = es; w[i] = et; bs += es; bt += et; bd += p > 0.0f && !inf_term ? p * d : 0.0f;
+                infinite |= inf_term; lost += inf_term ? es : 0.0f;
             }
         } else {
             for (int64_t i = b; i < e; i++) {
@@ -178,10 +187,12 @@ static void one_row(const job_t *j, int64_t r, const float *next_s, const float 
         row = kind == KD_CE ? lss - dot * rt : dot * rt - lst + lss;
         FINAL(gs * (g[i] * rs - w[i] * rt));
     } else if (kind == REVERSE_KL) {
-        row = dot * rs - lss + lst;
-        const float c = lst - lss - row; /* grad = p_S (log p_S - log p_T - row) */
-        /* 0 where p_S = 0 (a -inf student logit would give 0 * -inf). */
-        FINAL(g[i] > 0.0f ? gs * (g[i] * rs) * ((s[i] - ms - (t[i] - mt)) * it + c) : 0.0f);
+        const float finite_row = dot * rs + (lst - lss) * (infinite ? (ss - lost) * rs : 1.0f);
+        row = infinite ? INFINITY : finite_row;
+        const float c = lst - lss - finite_row; /* grad = p_S (log p_S - log p_T - row) over the finite terms */
+        /* 0 where p_S = 0 (a -inf student logit would give 0 * -inf); an infinite term's log-ratio counts as 0. */
+        FINAL(g[i] > 0.0f ? gs * (g[i] * rs) * (t[i] == -INFINITY ? -finite_row : (s[i] - ms - (t[i] - mt)) * it + c)
+                          : 0.0f);
     } else {
         /* tvd / jsd / skew_kl: rows and a = d row / d p_S in one more sweep (a kept in w), then
          * grad = p_S (a - <p_S, a>). */

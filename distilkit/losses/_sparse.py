@@ -40,7 +40,7 @@ inputs upcast to float32 (float64 stays); the teacher is detached; branch-free, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -49,13 +49,12 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from . import _checks as check
+from . import _table as table
 from ._reduce import Parts, masked_loss
 
 POLICIES = ("renormalize", "tail")
 TEACHER_KEYS = ("indices", "logprobs", "tail", "temperature")
 _INF = math.inf
-
-RowFn = Callable[[Tensor, Tensor], Tensor]  # (bucket log q_S, bucket log p_T) -> per-row value
 
 
 @dataclass(frozen=True)
@@ -195,34 +194,14 @@ def _buckets(api: str, student, teacher, temperature, mask, policy: str):
     return ls, lt, temp, keep
 
 
-def _rows(api: str, row_fn: RowFn, student, teacher, temperature, mask, t2_scale: bool, policy: str) -> Parts:
+def _rows(api: str, kind: str, student, teacher, temperature, mask, t2_scale: bool, policy: str,
+          param=None) -> Parts:
+    """The divergence table's ``kind`` on the bucket log-probabilities (exact: buckets are distributions too)."""
     ls, lt, temp, keep = _buckets(api, student, teacher, temperature, mask, policy)
-    values = row_fn(ls, lt)
+    values = table.value(kind, ls, lt, param)
     if t2_scale:
         values = values * temp**2
     return Parts(values, keep)
-
-
-# ------------------------------------------------------------------------------------------- divergences
-def _kl(lp: Tensor, lq: Tensor) -> Tensor:
-    """Σ p (log p − log q) over the last dim with 0·log(0/q) = 0 and p·log(p/0) = +∞ (grad-safe double where)."""
-    has_p = lp > -_INF
-    finite = has_p & (lq > -_INF)
-    zero = lp.new_zeros(())
-    terms = lp.exp() * (torch.where(finite, lp, zero) - torch.where(finite, lq, zero))
-    return torch.where(finite, terms, torch.where(has_p, lp.new_full((), _INF), zero)).sum(-1)
-
-
-def _log_mixture(lp: Tensor, lq: Tensor, w: float | Tensor) -> Tensor:
-    """log(w·p + (1−w)·q) for w < 1 (q is the student's: finite, so the result and its gradient are finite)."""
-    log_w = math.log(w) if isinstance(w, float) and w > 0 else (-_INF if isinstance(w, float) else w.log())
-    log_1mw = math.log1p(-w) if isinstance(w, float) else torch.log1p(-w)
-    return torch.logaddexp(lp + log_w, lq + log_1mw)
-
-
-def _interior(w: Tensor) -> Tensor:
-    """``w`` with the end points 0 and 1 replaced by 0.5, for a branch that is selected out there (double where)."""
-    return torch.where((w == 0) | (w == 1), torch.full_like(w, 0.5), w)
 
 
 def _refuse_infinite(api: str, policy: str, what: str) -> None:
@@ -251,8 +230,7 @@ def sparse_kd_ce(student: Tensor, teacher: Mapping, *, temperature=1.0, mask=Non
         policy: ``"renormalize"`` or ``"tail"`` (missing-mass policy; module docstring).
         reduction: ``"mean"`` over kept rows, ``"sum"``, or ``"none"`` (per row, 0 where masked).
     """
-    return _rows("sparse_kd_ce", lambda ls, lt: -(lt.exp() * ls).sum(-1), student, teacher, temperature, mask,
-                 t2_scale, policy)
+    return _rows("sparse_kd_ce", "kd_ce", student, teacher, temperature, mask, t2_scale, policy)
 
 
 @masked_loss
@@ -262,7 +240,7 @@ def sparse_kd_kl(student: Tensor, teacher: Mapping, *, temperature=1.0, mask=Non
 
     renormalize: exactly ``KL(p̃_T ‖ q)``; tail: the bucketed KL, a lower bound of the full KL (equal at k = V).
     """
-    return _rows("sparse_kd_kl", lambda ls, lt: _kl(lt, ls), student, teacher, temperature, mask, t2_scale, policy)
+    return _rows("sparse_kd_kl", "kd_kl", student, teacher, temperature, mask, t2_scale, policy)
 
 
 @masked_loss
@@ -274,7 +252,7 @@ def sparse_reverse_kl(student: Tensor, teacher: Mapping, *, temperature=1.0, mas
     2024, arXiv:2306.08543). Options as :func:`sparse_kd_ce`.
     """
     _refuse_infinite("sparse_reverse_kl", policy, "the reverse KL")
-    return _rows("sparse_reverse_kl", _kl, student, teacher, temperature, mask, t2_scale, policy)
+    return _rows("sparse_reverse_kl", "reverse_kl", student, teacher, temperature, mask, t2_scale, policy)
 
 
 @masked_loss
@@ -290,19 +268,7 @@ def sparse_jsd(student: Tensor, teacher: Mapping, *, beta=0.5, temperature=1.0, 
     b = check.unit_interval(api, "beta", beta)
     if isinstance(b, float) and b == 1.0:
         _refuse_infinite(api, policy, "beta=1 (the reverse KL)")
-
-    def rows(ls: Tensor, lt: Tensor) -> Tensor:
-        if isinstance(b, float):
-            if b in (0.0, 1.0):
-                return _kl(lt, ls) if b == 0.0 else _kl(ls, lt)
-            lm = _log_mixture(lt, ls, b)
-            return b * _kl(lt, lm) + (1 - b) * _kl(ls, lm)
-        inner = _interior(b)
-        lm = _log_mixture(lt, ls, inner)
-        mixed = inner * _kl(lt, lm) + (1 - inner) * _kl(ls, lm)
-        return torch.where(b == 0, _kl(lt, ls), torch.where(b == 1, _kl(ls, lt), mixed))
-
-    return _rows(api, rows, student, teacher, temperature, mask, t2_scale, policy)
+    return _rows(api, "jsd", student, teacher, temperature, mask, t2_scale, policy, b)
 
 
 @masked_loss
@@ -315,14 +281,7 @@ def sparse_skew_kl(student: Tensor, teacher: Mapping, *, alpha=0.1, temperature=
     """
     api = "sparse_skew_kl"
     a = check.unit_interval(api, "alpha", alpha)
-
-    def rows(ls: Tensor, lt: Tensor) -> Tensor:
-        if isinstance(a, float):
-            return _kl(lt, _log_mixture(lt, ls, a)) if a < 1.0 else ls.new_zeros(ls.shape[:-1])
-        inner = torch.where(a == 1, torch.full_like(a, 0.5), a)  # the a = 1 branch is selected out (KL(p‖p) = 0)
-        return torch.where(a == 1, ls.new_zeros(()), _kl(lt, _log_mixture(lt, ls, inner)))
-
-    return _rows(api, rows, student, teacher, temperature, mask, t2_scale, policy)
+    return _rows(api, "skew_kl", student, teacher, temperature, mask, t2_scale, policy, a)
 
 
 @masked_loss
@@ -332,5 +291,4 @@ def sparse_tvd(student: Tensor, teacher: Mapping, *, temperature=1.0, mask=None,
 
     renormalize: exactly ``½ Σ_v |p̃_T − q|`` (the tail bucket adds ``½ q_tail``); tail: bucketed.
     """
-    return _rows("sparse_tvd", lambda ls, lt: 0.5 * (lt.exp() - ls.exp()).abs().sum(-1), student, teacher,
-                 temperature, mask, t2_scale, policy)
+    return _rows("sparse_tvd", "tvd", student, teacher, temperature, mask, t2_scale, policy)
