@@ -149,6 +149,8 @@ def _apply(term: Term, x: TermInputs, step: Tensor, params, counts: Mapping | No
             temperatures.append(options.get("temperature", 1.0))
         if e.mask is not None:
             options["mask"] = e.mask
+        if loss.inputs == "teacher" and e.labels is not None:  # a teacher loss that also takes labels (fused)
+            options["labels"] = e.labels
         args = {"teacher": (student, teacher), "labels": (student, e.labels), "student": (student,)}[loss.inputs]
         key = _count_key(term)
         if counts is not None and key in counts and loss.sum_count is not None:

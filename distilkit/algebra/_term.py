@@ -150,7 +150,7 @@ class Term:
                 raise TypeError(f"{where}: expected {key_name} to be a key name (str), got {key!r}.")
         if mask is not None and not loss.masked:
             raise ValueError(f"{where}: {loss.name} takes no mask; got mask={mask!r}.")
-        if labels is not None and loss.inputs != "labels":
+        if labels is not None and loss.inputs != "labels" and "labels" not in loss.keywords:
             raise ValueError(f"{where}: {loss.name} takes no labels; got labels={labels!r}.")
         if probability_shift is not None and not loss.temperature:
             raise ValueError(f"{where}: probability_shift applies to logit losses, not {loss.name}.")
