@@ -317,18 +317,29 @@ def test_a_temperature_that_requires_grad_receives_its_gradient(compile_):
     torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-8)
 
 
-def test_paths_that_cannot_differentiate_a_temperature_say_so():
-    s, t = torch.randn(4, 9), torch.randn(4, 9)
-    T = torch.tensor(2.0, requires_grad=True)
-    with pytest.raises(TypeError, match=r"kd_kl: expected temperature not to require grad.*impl='dense'"):
-        dk.kd_kl(s, t, temperature=T, impl="chunked")
-    with pytest.raises(TypeError, match=r"kd_kl: does not support torch.func.vmap"):
-        torch.func.vmap(lambda x: dk.kd_kl(x, t, impl="chunked"))(s.unsqueeze(0))
-    with pytest.raises(TypeError, match=r"jsd: does not support torch.func.grad"):
-        torch.func.grad(lambda x: dk.jsd(x, t, impl="chunked"))(s)
-    # impl="auto" takes the dense path for all three, which gives the temperature its gradient
-    (grad,) = torch.autograd.grad(dk.kd_kl(s.requires_grad_(), t, temperature=T), T)
-    assert torch.isfinite(grad) and grad != 0
+def test_every_impl_differentiates_a_temperature_and_runs_under_transforms():
+    """impl='chunked' cannot give a hyperparameter a gradient nor run under torch.func with its hand-written
+    gradient: it then computes the same value by the divergence table's dense formula with autograd."""
+    s, t = torch.randn(4, 9, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
+    T = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    for kind, options in (("kd_kl", {}), ("jsd", {"beta": 0.3}), ("skew_kl", {"alpha": 0.2})):
+        fn = getattr(dk, kind)
+        by_impl = [torch.autograd.grad(fn(s, t, temperature=T, impl=impl, **options), T)[0]
+                   for impl in ("dense", "chunked")]
+        torch.testing.assert_close(by_impl[0], by_impl[1])
+        assert by_impl[0] != 0
+        x = s.unsqueeze(0).repeat(2, 1, 1) * torch.tensor([1.0, 0.5], dtype=torch.float64).view(2, 1, 1)
+        mapped = torch.func.vmap(lambda z, f=fn, o=options: f(z, t, impl="chunked", **o))(x)
+        torch.testing.assert_close(mapped, torch.stack([fn(z, t, impl="dense", **options) for z in x]))
+        g = torch.func.grad(lambda z, f=fn, o=options: f(z, t, impl="chunked", temperature=2.0, **o))(s)
+        z = s.clone().requires_grad_()
+        (want,) = torch.autograd.grad(fn(z, t, impl="chunked", temperature=2.0, **options), z)  # closed form
+        torch.testing.assert_close(g, want)
+    # a tensor β that requires grad gets one through impl="chunked" too
+    beta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    (gb,) = torch.autograd.grad(dk.jsd(s, t, beta=beta, impl="chunked"), beta)
+    (want,) = torch.autograd.grad(dk.jsd(s, t, beta=beta, impl="dense"), beta)
+    torch.testing.assert_close(gb, want)
 
 
 # ------------------------------------------------------------------------------------------- no host sync
@@ -379,7 +390,8 @@ def test_no_host_synchronisation_on_a_non_cpu_device(monkeypatch, name, term, so
 
 
 # ------------------------------------------------------------------------- torch.func over every registered loss
-UNSUPPORTED_UNDER_TRANSFORMS = ("chunked_", "fused_")  # hand-written autograd Functions / the CPU kernel
+# (none: the chunked and fused paths compute the same value by the dense formula with autograd under a transform)
+UNSUPPORTED_UNDER_TRANSFORMS: tuple[str, ...] = ()
 
 
 def _first_float_path(outputs):

@@ -74,10 +74,16 @@ def test_auto_takes_the_kernel_only_where_it_may(monkeypatch):
     dk.kd_kl(s.double(), t.double())  # float64: not the kernel's
     dk.kd_kl(s, t, temperature=torch.tensor(2.0, requires_grad=True))  # a learnable temperature needs dense
     torch.func.grad(lambda x: dk.kd_kl(x, t))(s.detach())  # a transform needs dense
-    torch.compile(lambda x: dk.kd_kl(x, t), fullgraph=True, backend="aot_eager")(s)  # compiled: dense
     assert len(calls) == 1
+    compiled = torch.compile(lambda x: dk.kd_kl(x, t, mask=mask, temperature=2.0), fullgraph=True,
+                             backend="aot_eager")
+    s2 = s.detach().clone().requires_grad_()
+    got = compiled(s2)
+    got.backward()
+    assert len(calls) == 2  # compiled: the kernel too (a custom op), with the same value and gradient
+    torch.testing.assert_close((got.detach(), s2.grad), dense, rtol=2e-5, atol=1e-6)
     dk.kd_kl(s, t, chunk_size=2).sum()  # a chunk size asks for the chunked path
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 def test_impl_is_checked():

@@ -167,19 +167,8 @@ def sequences(api: str, student: object, teacher: object, m: object) -> tuple[Te
     return zero_dropped(s, keep), zero_dropped(t, keep), keep
 
 
-def outside_transforms(api: str, instead: str) -> None:
-    """Raise a ``TypeError`` naming the active ``torch.func`` transform: for code paths (hand-written autograd
-    Functions, the CPU kernel) that have no rule for it yet. ``instead`` says what to use there."""
-    if in_transform():
-        transform = str(torch._C._functorch.peek_interpreter_stack().key()).rsplit(".", 1)[-1].lower()
-        raise TypeError(f"{api}: does not support torch.func.{transform} (nor any torch.func transform) yet; "
-                        f"{instead}.")
-
-
-def no_grad_hyperparameters(api: str, instead: str, **values: object) -> None:
-    """Raise a ``TypeError`` when a hyperparameter tensor requires grad on a path that cannot give it one, so that it
-    is never silently detached."""
-    for name, value in values.items():
-        if isinstance(value, Tensor) and value.requires_grad:
-            raise TypeError(f"{api}: expected {name} not to require grad: this path gives it no gradient; "
-                            f"{instead}.")
+def needs_autograd(**hyperparameters: object) -> bool:
+    """Whether a hand-written gradient (an autograd Function, the CPU kernel) cannot serve this call: inside a
+    ``torch.func`` transform, or when a hyperparameter tensor requires grad. Such paths then compute the same value
+    with autograd instead."""
+    return in_transform() or any(isinstance(v, Tensor) and v.requires_grad for v in hyperparameters.values())

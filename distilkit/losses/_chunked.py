@@ -29,6 +29,7 @@ from torch import Tensor
 
 from . import _checks as check
 from . import _cpu_kernel
+from . import _logits as dense
 from . import _table as table
 from ._reduce import REDUCTIONS
 
@@ -221,10 +222,12 @@ _PARAM_NAMES = {"jsd": "beta", "skew_kl": "alpha"}
 def _divergence(api: str, kind: str, student, teacher, temperature, mask, t2_scale, chunk_size, param,
                 mode: str):
     """``mode``: "none" (rows of the leading shape), "sum", "mean", or "sum_count"."""
-    dense = f"use dk.{kind}(..., impl='dense') there"
-    check.outside_transforms(api, dense)
-    check.no_grad_hyperparameters(api, dense, temperature=temperature, **{_PARAM_NAMES.get(kind, "param"): param})
     s, t = check_logits(api, student, teacher)
+    named = {} if kind not in _PARAM_NAMES else {_PARAM_NAMES[kind]: param}
+    if check.needs_autograd(temperature=temperature, **named):  # the same value, by the dense formula and autograd
+        fn = getattr(dense, kind)
+        options = {"temperature": temperature, "mask": mask, "t2_scale": t2_scale, **named}
+        return fn.sum_count(s, t, **options) if mode == "sum_count" else fn(s, t, reduction=mode, **options)
     check_chunk_size(api, chunk_size)
     lead, vocab = tuple(s.shape[:-1]), s.shape[-1]
     temp, keep = prepare_rows(api, lead, s, temperature, mask)

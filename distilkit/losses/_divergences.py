@@ -8,11 +8,12 @@
 * ``"chunked"``: ``chunk_size`` rows at a time with the closed-form gradient (``_chunked.py``): the CPU kernel for
   float32 CPU tensors, the torch chunk loop elsewhere. One chunk of temporaries, the logits read once and the
   gradient written once; no ``torch.func`` transforms, no double backward, no gradient for a hyperparameter.
-* ``"auto"`` (default): ``"chunked"`` for a plain eager call the CPU kernel takes (float32 CPU logits whose student
-  requires grad, grad mode on, at least :data:`KERNEL_MIN_ELEMENTS` logits) and that needs nothing only the dense
-  path gives (no transform, no hyperparameter
-  requiring grad); ``"chunked"`` too whenever ``chunk_size`` is given; ``"dense"`` otherwise — in particular while
-  compiling (pass ``impl="chunked"`` to get the kernel, a custom op, inside ``torch.compile``).
+* ``"auto"`` (default): ``"chunked"`` for a call the CPU kernel takes (float32 CPU logits whose student requires
+  grad, grad mode on, at least :data:`KERNEL_MIN_ELEMENTS` logits), eager or inside ``torch.compile`` (the kernel is
+  a custom op there), that needs nothing only the dense path gives (no ``torch.func`` transform, no hyperparameter
+  requiring grad); ``"chunked"`` too whenever ``chunk_size`` is given; ``"dense"`` otherwise.
+  ``impl="chunked"`` inside a transform, or with a hyperparameter that requires grad, computes the same value by the
+  dense formula with autograd (so every ``impl`` works everywhere; only the memory differs).
 
 The paths agree to float rounding, −inf logits included (tested). A :class:`~distilkit.losses._sparse.TopK`
 teacher (``dk.TopK``) takes the top-k implementation (``_sparse.py``) under the same names.
@@ -54,7 +55,7 @@ def _path(api: str, impl: object, chunk_size: object, student: object, teacher: 
     if (not (isinstance(student, Tensor) and isinstance(teacher, Tensor)) or student.ndim == 0
             or student.shape != teacher.shape or student.numel() == 0):
         return "dense"  # (the dense path reports bad input; nothing to gain on an empty one)
-    if (torch.compiler.is_compiling() or check.in_transform() or not torch.is_grad_enabled()
+    if (check.in_transform() or not torch.is_grad_enabled()
             or not student.requires_grad or student.numel() < KERNEL_MIN_ELEMENTS
             or any(isinstance(options.get(n), Tensor) and options[n].requires_grad for n in _HYPERPARAMETERS)):
         return "dense"
