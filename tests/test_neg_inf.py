@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from tester import on_path
 
 import distilkit as dk
 from distilkit.losses import _cpu_kernel
@@ -58,14 +59,15 @@ def truly_infinite(kind: str, place: str) -> bool:
     return (kind in ("kd_ce", "kd_kl") and place == "student") or (kind == "reverse_kl" and place == "teacher")
 
 
-def logits(place: str, dtype: torch.dtype):
+def logits(place: str, dtype: torch.dtype, one_row: bool = True):
     gen = torch.Generator().manual_seed(0)
     s, t = (torch.randn(4, 9, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
     if place in ("teacher", "both"):
         t[:, [2, 7]] = NEG_INF
     if place in ("student", "both"):
         s[:, [2, 7]] = NEG_INF
-    s[3, 5] = t[3, 5] = NEG_INF  # a class that is −inf in both models, in every case
+    if one_row:  # (not for the fused path, whose −inf come from a bias: the same classes in every row)
+        s[3, 5] = t[3, 5] = NEG_INF  # a class that is −inf in both models, in every case
     return s, t
 
 
@@ -75,6 +77,16 @@ def call(path: str, kind: str, param, s, t, monkeypatch):
         options["beta" if kind == "jsd" else "alpha"] = param
     if path == "dense":
         return getattr(dk, kind)(s, t, **options)
+    if path == "topk":  # the tester's top-k teacher keeping every class, on the same logits
+        return on_path(kind, "topk")(s, t, **options)
+    if path.startswith("fused"):  # −inf from the output layer's bias (banned classes), as in an LLM head
+        if path == "fused":
+            monkeypatch.setattr(_cpu_kernel, "usable", lambda *args: False)
+        eye = torch.eye(s.shape[-1], dtype=s.dtype)
+        head = [(x.nan_to_num(neginf=0.0), torch.where((x == NEG_INF).all(0), NEG_INF, 0.0).to(x.dtype))
+                for x in (s, t)]
+        return dk.fused_linear_kd(head[0][0], eye, head[1][0], eye, student_bias=head[0][1], teacher_bias=head[1][1],
+                                  divergence=kind, chunk_size=3, **options)
     if path == "torch-loop":
         monkeypatch.setattr(_cpu_kernel, "usable", lambda *args: False)
     elif not _cpu_kernel.usable(s, t):
@@ -82,11 +94,11 @@ def call(path: str, kind: str, param, s, t, monkeypatch):
     return getattr(dk, f"chunked_{kind}")(s, t, chunk_size=3, **options)
 
 
-PATHS = ["dense", "torch-loop", "kernel"]
+PATHS = ["dense", "torch-loop", "kernel", "topk", "fused", "fused-kernel"]
 
 
 def _dtypes(path):
-    return [torch.float32] if path == "kernel" else [torch.float32, torch.float64]
+    return [torch.float32] if path.endswith("kernel") else [torch.float32, torch.float64]
 
 
 @pytest.mark.parametrize("place", PLACES)
@@ -96,7 +108,7 @@ def _dtypes(path):
 def test_neg_inf_logits_are_exact(path, dtype, kind, param, place, monkeypatch):
     if path == "kernel" and not _cpu_kernel.available():
         pytest.fail(f"the CPU kernel should build on this machine: {_cpu_kernel.status()}")
-    s, t = logits(place, dtype)
+    s, t = logits(place, dtype, one_row=not path.startswith("fused"))
     s.requires_grad_()
     value = call(path, kind, param, s, t, monkeypatch)
     (grad,) = torch.autograd.grad(value, s)
@@ -108,7 +120,9 @@ def test_neg_inf_logits_are_exact(path, dtype, kind, param, place, monkeypatch):
         assert torch.isfinite(grad).all()
         s_dense = s.detach().double().requires_grad_()
         (dense_grad,) = torch.autograd.grad(call("dense", kind, param, s_dense, t.double(), monkeypatch), s_dense)
-        torch.testing.assert_close(grad.double(), dense_grad, rtol=1e-4, atol=1e-6)
+        # (the fused path's −inf come from a bias: the logit there has no hidden entry to receive a gradient)
+        at = torch.isfinite(s.detach()) if path.startswith("fused") else slice(None)
+        torch.testing.assert_close(grad.double()[at], dense_grad[at], rtol=1e-4, atol=1e-6)
         return
     assert math.isfinite(expected)
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
@@ -143,11 +157,11 @@ def test_paths_agree_on_gradients_at_neg_inf(monkeypatch):
         for place in PLACES:
             if truly_infinite(kind, place):
                 continue
-            s, t = logits(place, torch.float32)
-            grads = []
-            for path in PATHS:
-                x = s.clone().requires_grad_()
-                with monkeypatch.context() as m:
-                    grads.append(torch.autograd.grad(call(path, kind, param, x, t, m), x)[0])
-            for path, g in zip(PATHS[1:], grads[1:], strict=True):
-                torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-6, msg=f"{kind} {place} {path}")
+            for path in PATHS[1:]:
+                s, t = logits(place, torch.float32, one_row=not path.startswith("fused"))
+                grads = []
+                for on in ("dense", path):
+                    x = s.clone().requires_grad_()
+                    with monkeypatch.context() as m:
+                        grads.append(torch.autograd.grad(call(on, kind, param, x, t, m), x)[0])
+                torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6, msg=f"{kind} {place} {path}")

@@ -9,7 +9,7 @@ eager, half precision, huge logits, reductions, and that the teacher never recei
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -43,10 +43,17 @@ class Case:
     masked_keys_enter: bool = False  # attention_ce: values at masked keys enter the softmax normalisers
     labels: bool = False  # hard_ce
     compactable: bool = True  # "kept positions only" is defined position-wise (not pkd on [B, L, D])
+    path: str = "dense"  # the divergences: also "chunked", "topk" (a dk.TopK teacher with k = V), "fused"
 
     @property
     def loss(self) -> Callable:
-        return getattr(dk, self.name)
+        fn = getattr(dk, self.name)
+        return fn if self.path == "dense" else on_path(self.name, self.path)
+
+    @property
+    def api(self) -> str:
+        """The name errors start with."""
+        return "fused_linear_kd" if self.path == "fused" else self.name
 
     @property
     def reference(self) -> Callable:
@@ -66,6 +73,37 @@ class Case:
             return self.reference(student, _ignore_dropped(teacher, mask), **self.options)
         extra = {} if mask is None else {"mask": mask}
         return self.reference(student, teacher, **self.options, **extra)
+
+
+def on_path(name: str, path: str) -> Callable:
+    """The divergence ``name`` computed by another implementation on the same ``(student logits, teacher logits)``:
+    ``impl="chunked"``; a :class:`dk.TopK` teacher keeping every class (k = V, ``policy="renormalize"``: exactly the
+    dense divergence at any temperature); or ``dk.fused_linear_kd`` on hidden states = the logits and identity output
+    layers (z = h I, exact in every dtype)."""
+
+    fn = getattr(dk.losses, name)
+
+    def inputs(student, teacher):
+        if path == "chunked":
+            return fn, (student, teacher), {"impl": "chunked"}
+        if path == "topk":
+            v = teacher.shape[-1]
+            logprobs = torch.log_softmax(teacher.detach().to(torch.promote_types(teacher.dtype, torch.float32)), -1)
+            return fn, (student, dk.TopK(torch.arange(v).expand(teacher.shape), logprobs)), {}
+        eye = torch.eye(student.shape[-1], dtype=student.dtype)
+        return dk.fused_linear_kd, (student, eye, teacher, eye.to(teacher.dtype)), {"divergence": name}
+
+    def call(student, teacher, **options):
+        f, args, extra = inputs(student, teacher)
+        return f(*args, **extra, **options)
+
+    def sum_count(student, teacher, **options):
+        f, args, extra = inputs(student, teacher)
+        return f.sum_count(*args, **extra, **options)
+
+    call.sum_count = sum_count
+    call.__name__ = f"{name}_via_{path}"
+    return call
 
 
 def _ignore_dropped(labels, mask):
@@ -201,6 +239,11 @@ CASES: list[Case] = [
     Case("mmd-single", "mmd", features_pair((B, L, 3), (B, L, 5))),
     Case("nst", "nst", features_pair((B, L, 3), (B, L, 5))),
 ]
+
+DIVERGENCES = ("kd_ce", "kd_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+#: every divergence case again through each other implementation: the same checks hold for every path
+CASES += [replace(c, id=f"{c.id}-via-{path}", path=path) for path in ("chunked", "topk", "fused") for c in list(CASES)
+          if c.name in DIVERGENCES]
 
 LOSS_NAMES = sorted(REFERENCES)
 

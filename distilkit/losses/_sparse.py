@@ -17,8 +17,9 @@ teacher's buckets depend on the ``policy`` for the mass that was not kept:
   (the shift of ``logprobs`` cancels, so raw logits at T_c also work), with **zero** tail mass. Any temperature
   ``T`` is exact. Every divergence is then *exactly* the dense divergence between ``p̃_T`` (zero outside K) and
   the full student ``softmax(z_S / T)``: outside K the ratio p̃/q is constant (0), so bucketing loses nothing.
-  ``sparse_reverse_kl`` and ``sparse_jsd`` with ``beta=1`` would be +∞ (the student always has mass outside K),
-  so this policy refuses them with a ``ValueError`` (a 0-d tensor ``beta`` equal to 1 gives +∞ rows instead).
+  ``sparse_reverse_kl`` and ``sparse_jsd`` with ``beta=1`` would be +∞ when k < V (the student always has mass
+  outside K), so this policy refuses them then with a ``ValueError`` (a 0-d tensor ``beta`` equal to 1 gives +∞
+  rows instead); with k = V they equal the dense losses.
 * ``policy="tail"``: the teacher keeps its real leftover mass as one category: ``(p_K, p_tail)`` =
   ``softmax(cat(logprobs, tail))`` (a renormalisation absorbing storage rounding; ≈ identity). This is exact at
   the stored temperature only — the leftover mass at another temperature is not recoverable from the top k — so
@@ -165,8 +166,9 @@ def _same_temperature(api: str, temp: float | Tensor, stored: float | Tensor) ->
         check.eager_check(api, difference <= 1e-6 * torch.as_tensor(stored), message)
 
 
-def _buckets(api: str, student, teacher, temperature, mask, policy: str):
-    """``(log q, log p, T, keep)``: student and teacher log-probabilities over the k (+ 1 tail) buckets."""
+def _buckets(api: str, student, teacher, temperature, mask, policy: str, infinite: str | None = None):
+    """``(log q, log p, T, keep)``: student and teacher log-probabilities over the k (+ 1 tail) buckets.
+    ``infinite``: what is +inf against a renormalised teacher with k < V (refused then)."""
     check.choice(api, "policy", policy, POLICIES)
     s = check.floating(api, "student logits", student)
     check.rank(api, "student logits", s, range(1, 64), "[..., V]")
@@ -175,8 +177,16 @@ def _buckets(api: str, student, teacher, temperature, mask, policy: str):
         raise ValueError(f"{api}: expected at least one class in the last dimension, got shape {tuple(s.shape)}.")
     lead = tuple(s.shape[:-1])
     indices, logprobs, tail, stored = _teacher(api, teacher, lead, num_classes, policy, s)
+    if infinite is not None and policy == "renormalize" and indices.shape[-1] < num_classes:
+        raise ValueError(
+            f"{api}: expected policy='tail' for {infinite}, got policy='renormalize': the renormalised teacher has "
+            "no mass outside its top k while the student always has, so the divergence is +inf."
+        )
     keep = check.mask(api, mask, lead, s)
     temp = check.positive(api, "temperature", temperature, lead, s)
+    # dropped rows: selected to 0 (NaN or inf left there reaches neither the value nor a gradient)
+    s, logprobs = check.zero_dropped(s, keep), check.zero_dropped(logprobs, keep)
+    tail = None if tail is None else check.zero_dropped(tail, keep, trailing=0)
     zs = s / _column(temp)
     log_z = zs.logsumexp(-1, keepdim=True)
     ls = zs.gather(-1, indices) - log_z
@@ -195,21 +205,13 @@ def _buckets(api: str, student, teacher, temperature, mask, policy: str):
 
 
 def _rows(api: str, kind: str, student, teacher, temperature, mask, t2_scale: bool, policy: str,
-          param=None) -> Parts:
+          param=None, infinite: str | None = None) -> Parts:
     """The divergence table's ``kind`` on the bucket log-probabilities (exact: buckets are distributions too)."""
-    ls, lt, temp, keep = _buckets(api, student, teacher, temperature, mask, policy)
+    ls, lt, temp, keep = _buckets(api, student, teacher, temperature, mask, policy, infinite)
     values = table.value(kind, ls, lt, param)
     if t2_scale:
         values = values * temp**2
     return Parts(values, keep)
-
-
-def _refuse_infinite(api: str, policy: str, what: str) -> None:
-    if policy == "renormalize":
-        raise ValueError(
-            f"{api}: expected policy='tail' for {what}, got policy='renormalize': the renormalised teacher has no "
-            "mass outside its top k while the student always has, so the divergence is +inf."
-        )
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -251,8 +253,8 @@ def sparse_reverse_kl(student: Tensor, teacher: Mapping, *, temperature=1.0, mas
     Under renormalize it is +∞ (the student has mass outside K), so that policy is refused. MiniLLM (Gu et al.,
     2024, arXiv:2306.08543). Options as :func:`sparse_kd_ce`.
     """
-    _refuse_infinite("sparse_reverse_kl", policy, "the reverse KL")
-    return _rows("sparse_reverse_kl", "reverse_kl", student, teacher, temperature, mask, t2_scale, policy)
+    return _rows("sparse_reverse_kl", "reverse_kl", student, teacher, temperature, mask, t2_scale, policy,
+                 infinite="the reverse KL")
 
 
 @masked_loss
@@ -266,9 +268,8 @@ def sparse_jsd(student: Tensor, teacher: Mapping, *, beta=0.5, temperature=1.0, 
     """
     api = "sparse_jsd"
     b = check.unit_interval(api, "beta", beta)
-    if isinstance(b, float) and b == 1.0:
-        _refuse_infinite(api, policy, "beta=1 (the reverse KL)")
-    return _rows(api, "jsd", student, teacher, temperature, mask, t2_scale, policy, b)
+    infinite = "beta=1 (the reverse KL)" if isinstance(b, float) and b == 1.0 else None
+    return _rows(api, "jsd", student, teacher, temperature, mask, t2_scale, policy, b, infinite)
 
 
 @masked_loss
