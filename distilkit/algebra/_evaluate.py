@@ -154,9 +154,10 @@ def _apply(term: Term, x: TermInputs, step: Tensor, params, counts: Mapping | No
         args = {"teacher": (student, teacher), "labels": (student, e.labels), "student": (student,)}[loss.inputs]
         key = _count_key(term)
         if counts is not None and key in counts and loss.sum_count is not None:
-            value = _globally_normalised(loss.sum_count(*args, **options), e.mask, counts[key])
+            part, count = loss.sum_count(*args, **options)
+            value = _globally_normalised((_loss_of(part), count), e.mask, counts[key])
         else:
-            value = loss(*args, **options)
+            value = _loss_of(loss(*args, **options))
         total = value if total is None else total + value  # (no 0.0 + value: forward AD would make it float64)
     if total is None:  # an empty list of selected tensors
         total = torch.zeros((), device=step.device)
@@ -165,6 +166,12 @@ def _apply(term: Term, x: TermInputs, step: Tensor, params, counts: Mapping | No
         temperature = sum(torch.as_tensor(t, device=step.device).float().mean() for t in temperatures)
         temperature = temperature / len(temperatures)
     return total, temperature
+
+
+def _loss_of(value):
+    """A loss may return a named tuple whose ``loss`` field is the value (and the rest parts for its caller, e.g.
+    ``dk.fused_linear_kd`` with labels); a term takes that field."""
+    return value.loss if isinstance(value, tuple) and hasattr(value, "loss") else value
 
 
 def _count_key(term: Term) -> str | None:

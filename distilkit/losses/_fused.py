@@ -449,14 +449,15 @@ def fused_linear_kd_term(student, teacher, *tensors, divergence: str = "kd_kl", 
                          ignore_index: int = -100, ce_weight=1.0, student_bias: Tensor | None = None,
                          teacher_bias: Tensor | None = None, vocab_size: int | None = None,
                          chunk_size: int | None = None, recompute: bool = False, loss: str | None = None,
-                         reduction="mean") -> Tensor:
+                         reduction="mean"):
     r""":func:`fused_linear_kd` called as a loss of the algebra: on ``student = (hidden, weight)`` and
     ``teacher = (hidden, weight)`` pairs (``(hidden, [weight, bias])`` with a bias), or on the four tensors.
 
     A pair loss: with the output mappings ``{"hidden": [...], "lm_head": W}`` (or ``"lm_head": [W, b]``),
     ``dk.fused_linear_kd.on([("hidden", -1), "lm_head"], mask="attention_mask", temperature=2.0)`` selects both
     tensors of each model; ``labels="labels"`` adds ``ce_weight ×`` the hard-label cross-entropy from the same
-    chunks (the term's value is then ``FusedLoss.loss``, normalised by the positions with a label). Options as
+    chunks (the result is then a :class:`FusedLoss`, and a term's value its ``loss``, normalised by the positions
+    with a label). Options as
     :func:`fused_linear_kd`; in a spec, biases come with the weights (put ``[W, b]`` in the output mapping: a tensor
     given to ``.on()`` would be a constant of the spec).
     """
@@ -479,9 +480,7 @@ def fused_linear_kd_term(student, teacher, *tensors, divergence: str = "kd_kl", 
                           t2_scale=t2_scale, beta=beta, alpha=alpha, labels=labels, ignore_index=ignore_index,
                           ce_weight=ce_weight, student_bias=bs, teacher_bias=bt, vocab_size=vocab_size,
                           chunk_size=chunk_size, recompute=recompute, loss=loss, reduction=reduction)
-    if reduction is SUM_COUNT:
-        return (out[0].loss, out[1]) if isinstance(out[0], FusedLoss) else out
-    return out.loss if isinstance(out, FusedLoss) else out
+    return out  # (a FusedLoss with labels: a spec term's value is its ``loss``)
 
 
 def _term_sum_count(*args, **kwargs):
