@@ -8,10 +8,32 @@ for i, (batch, teacher_out) in enumerate(zip(loader, cache)):  # the same batche
 ```
 
 Layout: a directory with ``index.json`` (format, dtypes, each batch's shard and array shapes) and one flat 1-D
-``.npy`` file per array per shard, holding the elements of consecutive batches up to ``shard_bytes``; read back with
-``numpy.load(mmap_mode="r")`` (memory-mapped, a few shards open at a time; never pickled). Offsets are the running
-sums of the batches' sizes, so batches of any shapes (dynamic padding) share shards. Every array keeps its batch
-structure (``[B, L, ...]``): ``cache[i]`` has the shapes of the teacher's outputs for batch i, padding included.
+``.npy`` file per array per shard, ``shard-<n>-<generation>-<array>.npy``, holding the elements of consecutive
+batches up to ``shard_bytes``; read back memory-mapped (a few shards open at a time; never pickled). Offsets are the
+running sums of the batches' sizes, so batches of any shapes (dynamic padding) share shards. Every array keeps its
+batch structure (``[B, L, ...]``): ``cache[i]`` has the shapes of the teacher's outputs for batch i, padding
+included. The names ``index.json``, ``index.json.tmp``, ``index.json.lock`` and ``shard-*.npy`` belong to the cache;
+other files in the directory are left alone.
+
+Safety, as a data format should:
+
+* One writer at a time: :func:`write` takes an exclusive ``flock`` on ``index.json.lock`` and never waits: a second
+  writer, in any process, gets :class:`CacheLockedError` naming the directory and the holder's pid. The kernel drops
+  the lock of a writer that dies, so it is never stale. (Over NFS, ``flock`` is only as good as the server's locks.)
+* Atomic writes: a write's files are new ones, named by its random *generation*, written and synced next to the
+  old cache, which the index still lists; the write commits by renaming its index over ``index.json``, then removes
+  the old files. An existing cache is replaced only with ``overwrite=True``. A failed write removes its files; a
+  killed one leaves the old cache whole and readable and its files to be removed by the next writer.
+* Readers see one write: :func:`read` of a cache being replaced opens the old one or the new one; a
+  :class:`Cache` whose cache was then replaced or removed raises :class:`CacheChangedError` on the next
+  ``cache[i]`` (it compares ``index.json``'s inode, mtime and size with the file it holds open: one ``stat`` per
+  batch) instead of returning data of two writes.
+* A checked index: every field is validated (types, ranges, shapes against the vocabulary and k, file names, sizes
+  against the shards, token and byte counts), the JSON may not nest deeper than :data:`MAX_DEPTH` nor repeat a
+  key, and a SHA-256 ``digest`` of the index catches any other edit; a failure is a :class:`CacheError`
+  (a ``ValueError``) naming the file and the field's JSON path. Files are opened without following symbolic links
+  and must be regular files: nothing is read outside the cache directory. Caches of format version 1 (no
+  generation, no digest) are still read.
 
 Logit formats (``logits=``), for the teacher output ``"logits"`` (``[..., V]``):
 
@@ -39,9 +61,19 @@ cached raises ``SpecKeyError``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
+import re
+import reprlib
+import secrets
+import socket
+import stat
+import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,13 +86,41 @@ from torch import Tensor
 
 from .algebra import SpecKeyError
 
-__all__ = ["Cache", "CacheInfo", "CachedLayers", "features_of", "read", "teacher_selectors", "write"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["Cache", "CacheChangedError", "CacheError", "CacheInfo", "CacheLockedError", "CachedLayers",
+           "features_of", "read", "teacher_selectors", "write"]
 
 FORMAT = "distilkit.cache"
-VERSION = 1
+VERSION = 2  # written; version 1 (no generation, no digest) is still read
+VERSIONS = (1, 2)
 INDEX = "index.json"
+LOCK = "index.json.lock"
 LOGITS = "logits"
+MAX_DEPTH = 16  # JSON nesting accepted in an index (one needs 5)
 _DTYPES = {"float16": np.float16, "float32": np.float32}
+_OPEN_ATTEMPTS = 5
+_GENERATION = re.compile(r"[0-9a-f]{16}")
+_ARRAY = r"(logits|logits-indices|logits-logprobs|logits-tail|feature-\d+)"
+_DATA_V2 = re.compile(rf"shard-(\d{{5,}})-([0-9a-f]{{16}})-{_ARRAY}\.npy")
+_DATA_V1 = re.compile(rf"shard-(\d{{5,}})-{_ARRAY}\.npy")
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+
+
+# --------------------------------------------------------------------------------------------- errors
+class CacheError(ValueError):
+    """A ``dk.cache`` error: a corrupt index (naming the file and the field) or shard file, or the errors below."""
+
+
+class CacheChangedError(CacheError):
+    """The cache was overwritten (or removed) after it was opened: reopen it with :func:`read`."""
+
+
+class CacheLockedError(CacheError, BlockingIOError):
+    """Another writer holds the cache directory's lock (:func:`write` never waits)."""
 
 
 # ----------------------------------------------------------------------------------------------- info
@@ -81,6 +141,7 @@ class CacheInfo:
         temperature: T_c, the temperature of the stored top-k log-probabilities and tail (1.0 for dense).
         features: ``{key: cached layer indices, or None for the whole output}``.
         per_token: bytes per token of each stored array (``"logits"``, ``"logits.indices"``, ``"hidden.3"``, ...).
+        generation: the random id of the write that made the cache (``None`` for a cache of format version 1).
     """
 
     path: str
@@ -94,6 +155,7 @@ class CacheInfo:
     temperature: float
     features: dict = field(default_factory=dict, hash=False)
     per_token: dict = field(default_factory=dict, hash=False)
+    generation: str | None = None
 
     @property
     def bytes_per_token(self) -> float:
@@ -233,14 +295,17 @@ def _arrays(api: str, i: int, out, fmt, k, selection, dtype: str, temperature: f
             raise KeyError(f"{api}: expected key {logits_key!r} in the teacher outputs of batch {i}, "
                            f"got keys {sorted(map(str, out))}.")
         z = out[logits_key]
+        if not isinstance(z, Tensor) or not z.is_floating_point():
+            got = f"dtype {z.dtype}" if isinstance(z, Tensor) else type(z).__name__
+            raise TypeError(f"{api}: expected teacher output {logits_key!r} of batch {i} to be a floating-point "
+                            f"tensor [B, ..., V], got {got}.")
+        if z.ndim < 2 or z.shape[-1] == 0:
+            raise ValueError(f"{api}: expected teacher output {logits_key!r} of batch {i} to have a batch and a "
+                             f"class dimension [B, ..., V] with V >= 1, got shape {tuple(z.shape)}.")
         if fmt == "dense":
             arrays[LOGITS] = _floating(api, repr(logits_key), i, z, dtype)
             meta[LOGITS] = {"key": logits_key, "part": "dense"}
         else:
-            if not isinstance(z, Tensor) or not z.is_floating_point() or z.ndim == 0:
-                got = f"dtype {z.dtype}, shape {tuple(z.shape)}" if isinstance(z, Tensor) else type(z).__name__
-                raise TypeError(f"{api}: expected teacher output {logits_key!r} of batch {i} to be a floating-point "
-                                f"tensor [..., V], got {got}.")
             if z.shape[-1] < k:
                 raise ValueError(f"{api}: expected at least k = {k} classes in the teacher logits, got shape "
                                  f"{tuple(z.shape)} for batch {i}.")
@@ -279,15 +344,119 @@ def _arrays(api: str, i: int, out, fmt, k, selection, dtype: str, temperature: f
     return arrays, meta
 
 
-class _ShardWriter:
-    """Collects batches and writes them as shards: per array one flat 1-D ``.npy`` of the batches' elements."""
+# ----------------------------------------------------------------------------------------- file system
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO planted as a cache file must not hang
 
-    def __init__(self, path: Path, shard_bytes: int):
-        self.path, self.shard_bytes = path, shard_bytes
+
+def _unlink(file: Path) -> None:
+    """Remove ``file`` if it is there (best effort: a file that cannot be removed is left for the next writer)."""
+    with contextlib.suppress(OSError):
+        os.unlink(file)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX; elsewhere a no-op)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY | _CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create(file: Path):
+    """A new file opened for writing; never follows or reuses an existing name (a planted link cannot redirect it)."""
+    return os.fdopen(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666), "wb")
+
+
+@contextlib.contextmanager
+def _write_lock(api: str, path: Path):
+    """Hold the cache directory's writer lock (``index.json.lock``, ``flock``), or raise :class:`CacheLockedError`.
+
+    Non-blocking: a second writer fails at once instead of waiting for a write that may take hours. The kernel drops
+    the lock when its holder exits, killed or not (and when every process it forked without exec, which share the
+    descriptor, has exited too), so a lock is never stale; the file itself stays.
+    """
+    file = path / LOCK
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o666)
+    except OSError as error:
+        raise CacheError(f"{api}: expected to create or open the lock file {str(file)!r} of the cache directory, "
+                         f"got {error.strerror or error}.") from None
+    try:
+        try:
+            _lock_fd(fd)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            for _ in range(20):  # the holder writes its pid right after it takes the lock
+                try:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    holder = re.fullmatch(r"pid (\d+) on host (\S+)\n", os.read(fd, 256).decode("ascii", "replace"))
+                except OSError:  # Windows: a locked byte cannot be read
+                    holder = None
+                if holder:
+                    break
+                time.sleep(0.005)
+            who = f"process {holder[1]} on host {holder[2]}" if holder else "another process"
+            raise CacheLockedError(f"{api}: expected no other writer on the cache directory {str(path)!r}, got one: "
+                                   f"{who} holds its lock {str(file)!r}. Wait for that write to finish (or stop "
+                                   "it), or write elsewhere.") from None
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname() or '?'}\n".encode("ascii", "replace"))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # no stale pid for the next contender to name
+            _unlock_fd(fd)  # explicitly: a forked child (a loader worker) holding the descriptor keeps no lock
+    finally:
+        os.close(fd)
+
+
+if fcntl is not None:
+    def _lock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+else:  # pragma: no cover - Windows: a byte-range lock on the lock file's first byte
+    import msvcrt
+
+    def _lock_fd(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+    def _unlock_fd(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        with contextlib.suppress(OSError):
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
+# -------------------------------------------------------------------------------------------- writing
+def _shard_file(number: int, name: str, generation: str | None) -> str:
+    """The file of array ``name`` in shard ``number``: a name of its own per generation (version 1: none)."""
+    return f"shard-{number:05d}-{name}.npy" if generation is None else f"shard-{number:05d}-{generation}-{name}.npy"
+
+
+class _ShardWriter:
+    """Collects batches and writes them as shards: per array one flat 1-D ``.npy`` of the batches' elements.
+
+    Every file is new (its name carries the write's generation), written in full and synced before the index that
+    lists it is committed; :meth:`discard` removes them all when the write fails.
+    """
+
+    def __init__(self, path: Path, shard_bytes: int, generation: str):
+        self.path, self.shard_bytes, self.generation = path, shard_bytes, generation
         self.pending: list[dict[str, np.ndarray]] = []
         self.held = 0
         self.shards: list[dict] = []
         self.batches: list[dict] = []
+        self.files: list[str] = []
 
     def add(self, arrays: dict[str, np.ndarray]) -> None:
         nbytes = sum(a.nbytes for a in arrays.values())
@@ -305,29 +474,64 @@ class _ShardWriter:
         for name in self.pending[0]:
             parts = [p[name] for p in self.pending]
             size = sum(p.size for p in parts)
-            file = f"shard-{number:05d}-{name}.npy"
-            out = np.lib.format.open_memmap(self.path / file, mode="w+", dtype=parts[0].dtype, shape=(size,))
-            offset = 0
-            for p in parts:
-                out[offset:offset + p.size] = p.reshape(-1)
-                offset += p.size
-            out.flush()
-            del out
+            file = _shard_file(number, name, self.generation)
+            fh = _create(self.path / file)
+            self.files.append(file)
+            with fh:
+                header = {"descr": np.lib.format.dtype_to_descr(parts[0].dtype), "fortran_order": False,
+                          "shape": (size,)}
+                np.lib.format.write_array_header_1_0(fh, header)
+                for p in parts:
+                    fh.write(np.ascontiguousarray(p).data)
+                fh.flush()
+                os.fsync(fh.fileno())
             files[name] = {"file": file, "size": size, "dtype": parts[0].dtype.name}
         self.shards.append({"files": files})
         self.pending, self.held = [], 0
 
+    def discard(self) -> None:
+        for file in self.files:
+            _unlink(self.path / file)
 
-def _prepare(api: str, path: Path, overwrite: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{api}: expected a directory path for the cache, got the file {str(path)!r}.")
-    path.mkdir(parents=True, exist_ok=True)
-    ours = [p for p in path.iterdir() if p.name == INDEX or (p.name.startswith("shard-") and p.suffix == ".npy")]
-    if ours and not overwrite:
-        raise FileExistsError(f"{api}: expected an empty or new directory, got {str(path)!r}, which already holds a "
-                              "cache; pass overwrite=True to replace it.")
-    for p in sorted(ours, key=lambda p: p.name != INDEX):  # the index first: a half-removed cache never reads
-        p.unlink()
+
+def _committed_generation(path: Path) -> str | bool | None:
+    """The generation of the committed index at ``path``: a str, None (no index, or a version-1 one) or False
+    (an index that cannot be read: its generation is unknown)."""
+    try:
+        fd = _open_regular(path / INDEX)
+    except FileNotFoundError:
+        return None
+    except (OSError, CacheError):
+        return False
+    try:
+        index = _parse(_read_all(fd), str(path / INDEX))
+    except CacheError:
+        return False
+    finally:
+        os.close(fd)
+    generation = index.get("generation") if isinstance(index, dict) else False
+    if generation is None or (isinstance(generation, str) and _GENERATION.fullmatch(generation)):
+        return generation
+    return False
+
+
+def _remove_debris(path: Path, keep: set[str] | None, generation: str | bool | None) -> None:
+    """Remove files of the cache format that no committed index lists (the writer holds the lock).
+
+    ``keep`` given: every data file but these (after a commit: the replaced cache and any interrupted write's).
+    Otherwise only other generations' files than ``generation`` (before a write: an interrupted write's), and
+    nothing when the committed index cannot be read (``generation is False``).
+    """
+    if keep is None and generation is False:
+        return
+    for name in os.listdir(path):
+        if name == INDEX + ".tmp":
+            _unlink(path / name)
+        elif keep is not None:
+            if name not in keep and (_DATA_V2.fullmatch(name) or _DATA_V1.fullmatch(name)):
+                _unlink(path / name)
+        elif (match := _DATA_V2.fullmatch(name)) and match[2] != generation:
+            _unlink(path / name)
 
 
 def write(teacher_fn: Callable[[Any], Mapping], loader: Iterable, path: str | os.PathLike, *,
@@ -338,7 +542,8 @@ def write(teacher_fn: Callable[[Any], Mapping], loader: Iterable, path: str | os
     Args:
         teacher_fn: ``batch -> output mapping`` (``{"logits": [..., V], "hidden": [layers], ...}``, e.g. through
             ``dk.adapters``).
-        loader: an iterable of batches; read the cache back in the same order (no reshuffling between the runs).
+        loader: an iterable of batches (at least one); read the cache back in the same order (no reshuffling
+            between the runs).
         path: a directory (created; it must not already hold a cache unless ``overwrite``).
         logits: ``"dense"``, ``("topk", k)`` or ``None`` (module docstring).
         features: ``{key: [layer indices] | None}`` or a dk term/spec/tasks whose teacher selectors decide.
@@ -349,11 +554,16 @@ def write(teacher_fn: Callable[[Any], Mapping], loader: Iterable, path: str | os
         logits_key: the teacher output holding the logits.
         shard_bytes: a shard is closed once it would exceed this many bytes (a batch is never split; batches of
             any shapes, e.g. other padded lengths, share shards).
-        overwrite: replace an existing cache at ``path`` (only ``index.json`` and ``shard-*.npy`` are removed).
+        overwrite: replace an existing cache at ``path``. The replacement is atomic: the new cache is written
+            beside the old one, which stays whole and readable until the new index is renamed over the old one;
+            then the old cache's files are removed. A failed or killed write leaves the old cache as it was.
 
     Returns:
-        the :class:`CacheInfo` of the written cache (``index.json`` is written last, so an interrupted write leaves
-        nothing that reads as a cache).
+        the :class:`CacheInfo` of the written cache.
+
+    Raises:
+        CacheLockedError: another writer (any process) is writing to ``path``; writers never wait.
+        FileExistsError: ``path`` already holds a cache and ``overwrite`` is False, or ``path`` is a file.
     """
     api = "dk.cache.write"
     if not callable(teacher_fn):
@@ -370,12 +580,44 @@ def write(teacher_fn: Callable[[Any], Mapping], loader: Iterable, path: str | os
                          f"tempered by the loss), got temperature={temperature} with logits={logits!r}.")
     if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1:
         raise ValueError(f"{api}: expected shard_bytes to be a positive int, got {shard_bytes!r}.")
+    if not isinstance(logits_key, str):
+        raise TypeError(f"{api}: expected logits_key to be a str, got {type(logits_key).__name__}.")
     selection = _selection(api, features, logits_key)
     if fmt is None and not selection:
         raise ValueError(f"{api}: nothing to cache: expected logits='dense' or ('topk', k), or some features.")
     path = Path(path)
-    _prepare(api, path, overwrite)
-    writer = _ShardWriter(path, shard_bytes)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{api}: expected a directory path for the cache, got the file {str(path)!r}.")
+    path.mkdir(parents=True, exist_ok=True)
+    with _write_lock(api, path):
+        if ((path / INDEX).exists() or (path / INDEX).is_symlink()) and not overwrite:
+            raise FileExistsError(f"{api}: expected an empty or new directory, got {str(path)!r}, which already "
+                                  "holds a cache; pass overwrite=True to replace it.")
+        _remove_debris(path, None, _committed_generation(path))
+        generation = secrets.token_hex(8)
+        writer = _ShardWriter(path, shard_bytes, generation)
+        try:
+            index = _write_shards(api, teacher_fn, loader, writer, fmt, k, selection, dtype, temperature,
+                                  logits_key)
+            tmp = path / (INDEX + ".tmp")
+            with _create(tmp) as fh:
+                fh.write(json.dumps(index, indent=1).encode())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path / INDEX)  # the commit: readers see the old cache or the new one, whole
+        except BaseException:
+            writer.discard()
+            _unlink(path / (INDEX + ".tmp"))
+            raise
+        with contextlib.suppress(OSError):  # committed: what follows is housekeeping
+            _fsync_dir(path)
+            _remove_debris(path, set(writer.files), generation)
+    return _info(path, index)
+
+
+def _write_shards(api: str, teacher_fn, loader, writer: _ShardWriter, fmt, k, selection, dtype: str,
+                  temperature: float, logits_key: str) -> dict:
+    """Run the teacher over the loader into ``writer``'s shards; return the index to commit."""
     arrays_meta: dict[str, dict] | None = None
     vocab = None
     tokens = 0
@@ -394,23 +636,23 @@ def write(teacher_fn: Callable[[Any], Mapping], loader: Iterable, path: str | os
                     raise ValueError(f"{api}: expected {vocab} classes in every batch's logits, got {z.shape[-1]} "
                                      f"for batch {i}.")
                 vocab = int(z.shape[-1])
-            tokens += _tokens(arrays)
+            tokens += _tokens({n: a.shape for n, a in arrays.items()})
             writer.add(arrays)
+    if arrays_meta is None:
+        raise ValueError(f"{api}: expected the loader to give at least one batch, got none (an exhausted "
+                         "iterator?); nothing was written.")
     writer.flush()
-    arrays_meta = arrays_meta or {}
     nbytes = sum(f["size"] * np.dtype(f["dtype"]).itemsize
                  for shard in writer.shards for f in shard["files"].values())
     index = {
-        "format": FORMAT, "version": VERSION,
+        "format": FORMAT, "version": VERSION, "generation": writer.generation,
         "logits": None if fmt is None else {"format": fmt, "key": logits_key, "k": k, "vocab": vocab,
                                             "temperature": temperature},
         "dtype": dtype, "features": selection, "arrays": arrays_meta, "tokens": tokens, "nbytes": nbytes,
         "shards": writer.shards, "batches": writer.batches,
     }
-    tmp = path / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, path / INDEX)
-    return _info(path, index)
+    index["digest"] = _digest(index)
+    return index
 
 
 def _names(meta: Mapping[str, dict]) -> list[str]:
@@ -423,12 +665,13 @@ def _array_name(m: Mapping) -> str:
     return m["key"] if m["layer"] is None else f"{m['key']}.{m['layer']}"
 
 
-def _tokens(arrays: Mapping[str, np.ndarray]) -> int:
-    """Token positions of a batch: the logits' rows (all dims but the last), or else the first feature's."""
-    if "logits-tail" in arrays:
-        return int(arrays["logits-tail"].size)
-    first = next(iter(arrays.values()))
-    return int(math.prod(first.shape[:-1])) if first.ndim > 1 else int(first.shape[0])
+def _tokens(shapes: Mapping[str, Sequence[int]]) -> int:
+    """Token positions of a batch (its arrays' shapes): the logits' rows (all dims but the last), or else the first
+    feature's."""
+    if "logits-tail" in shapes:
+        return math.prod(shapes["logits-tail"])
+    first = shapes["logits" if "logits" in shapes else "feature-0"]
+    return math.prod(first[:-1]) if len(first) > 1 else first[0]
 
 
 def _info(path: Path, index: Mapping) -> CacheInfo:
@@ -449,7 +692,7 @@ def _info(path: Path, index: Mapping) -> CacheInfo:
         logits=None if logits is None else logits["format"], k=None if logits is None else logits["k"],
         vocab=None if logits is None else logits["vocab"], dtype=index["dtype"],
         temperature=1.0 if logits is None else float(logits["temperature"]), features=features,
-        per_token=per_token,
+        per_token=per_token, generation=index.get("generation"),
     )
 
 
@@ -475,10 +718,13 @@ class Cache(Sequence):
     """A written cache, read back: ``cache[i]`` is batch i's teacher output mapping; ``len(cache)`` batches.
 
     Shard files are memory-mapped on first use (at most ``open_shards`` shards at a time); indexing copies one
-    batch into tensors (on ``device`` when given).
+    batch into tensors (on ``device`` when given). Every ``cache[i]`` first checks (one ``stat`` of ``index.json``)
+    that the cache is still the one that was opened, and raises :class:`CacheChangedError` once it was overwritten
+    or removed: a cache never returns data of two writes.
     """
 
-    def __init__(self, path: Path, index: Mapping, slots: list, device=None, open_shards: int = 4):
+    def __init__(self, path: Path, index: Mapping, slots: list, device=None, open_shards: int = 4, *,
+                 _opened: tuple[int, tuple] | None = None):
         self.path = path
         self._index = index
         self._slots = slots  # per batch: (shard, {array: (offset, shape)})
@@ -486,6 +732,46 @@ class Cache(Sequence):
         self._open_shards = open_shards
         self.device = None if device is None else torch.device(device)
         self.info = _info(path, index)
+        self._index_file = os.fspath(path / INDEX)
+        if _opened is None:
+            fd = _open_regular(path / INDEX)
+            _opened = fd, _stamp(os.fstat(fd))
+        self._hold(*_opened)
+
+    def _hold(self, fd: int, stamp: tuple) -> None:
+        """Keep ``index.json`` open: while it is, its inode number cannot be reused, so "``path/index.json`` has
+        this inode, mtime and size" means "it is the file that was read"."""
+        self._stamp = stamp
+        self._close_index = weakref.finalize(self, os.close, fd)
+
+    def _unchanged(self) -> bool:
+        try:
+            st = os.stat(self._index_file, follow_symlinks=False)
+        except OSError:
+            return False
+        return _stamp(st) == self._stamp
+
+    def _check_unchanged(self) -> None:
+        if not self._unchanged():
+            raise CacheChangedError(
+                f"dk.cache.Cache: expected the cache at {str(self.path)!r} to be the one opened (generation "
+                f"{self.info.generation or 'of version 1'}), got another: its index.json was replaced or removed "
+                "since (an overwrite?). Reopen it with dk.cache.read.")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        del state["_stamp"], state["_close_index"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        fd, stamp, index, _ = _open_index(self.path)
+        if index != self._index:
+            os.close(fd)
+            raise CacheChangedError(f"dk.cache.Cache: expected the cache at {str(self.path)!r} to be the one "
+                                    "pickled, got another (it was overwritten since). Reopen it with dk.cache.read.")
+        self._hold(fd, stamp)
 
     @property
     def bytes_per_token(self) -> float:
@@ -504,9 +790,12 @@ class Cache(Sequence):
     def _shard(self, number: int) -> dict[str, np.ndarray]:
         arrays = self._open.get(number)
         if arrays is None:
-            files = self._index["shards"][number]["files"]
-            arrays = {name: np.load(self.path / f["file"], mmap_mode="r", allow_pickle=False)
-                      for name, f in files.items()}
+            try:
+                arrays = {name: _open_shard(self.path, f, mmap=True)
+                          for name, f in self._index["shards"][number]["files"].items()}
+            except (OSError, CacheError):
+                self._check_unchanged()  # a file of a replaced cache, removed since: say so
+                raise
             self._open[number] = arrays
             while len(self._open) > self._open_shards:
                 self._open.popitem(last=False)
@@ -521,6 +810,7 @@ class Cache(Sequence):
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"dk.cache.Cache: batch index {i} out of range for a cache of {n} batches.")
+        self._check_unchanged()
         shard, places = self._slots[i % n]
         arrays = self._shard(shard)
         out: dict[str, Any] = {}
@@ -549,109 +839,458 @@ class Cache(Sequence):
             yield self[i]
 
 
-def _corrupt(file: Path, what: str) -> ValueError:
-    return ValueError(f"dk.cache.read: corrupt cache index {str(file)!r}: {what}. Rewrite the cache with "
-                      "dk.cache.write.")
+# ------------------------------------------------------------------------------------ reading the index
+def _open_regular(file: Path, api: str = "dk.cache.read", what: str = "file") -> int:
+    """A read-only descriptor of the regular file ``file``, which must not be a symbolic link (a cache reads nothing
+    outside its directory) nor a FIFO or device (which could block)."""
+    try:
+        fd = os.open(file, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC)
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.EMLINK):  # Linux, macOS / FreeBSD: the file is a link
+            raise
+        raise CacheError(f"{api}: expected the {what} {str(file)!r} to be a regular file in the cache directory, "
+                         "got a symbolic link.") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CacheError(f"{api}: expected the {what} {str(file)!r} to be a regular file, got "
+                         f"{'a directory' if stat.S_ISDIR(mode) else 'a special file'}.")
+    return fd
 
 
-def _load_index(path: Path) -> tuple[dict, list]:
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 24):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _stamp(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _open_index(path: Path) -> tuple[int, tuple, dict, list]:
+    """``(descriptor, stamp, index, slots)`` of the cache at ``path``, the index validated; the caller closes the
+    descriptor."""
     api = "dk.cache.read"
     if not path.is_dir():
         raise FileNotFoundError(f"{api}: expected a cache directory written by dk.cache.write, got {str(path)!r} "
                                 "(no such directory).")
     file = path / INDEX
-    if not file.is_file():
-        raise FileNotFoundError(f"{api}: expected {INDEX} in {str(path)!r}, found none: not a cache, or its write "
-                                "was interrupted.")
     try:
-        index = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        fd = _open_regular(file, what="cache index")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{api}: expected {INDEX} in {str(path)!r}, found none: not a cache, or its first "
+                                "write is still running or was interrupted.") from None
+    try:
+        stamp = _stamp(os.fstat(fd))
+        index = _parse(_read_all(fd), str(file))
+        if _stamp(os.fstat(fd)) != stamp:
+            raise CacheChangedError(f"{api}: expected {str(file)!r} to stay unchanged while it is read, got an edit.")
+        return fd, stamp, index, _validate(index, str(file))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Duplicate(key)
+    return out
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse(data: bytes, file: str) -> Any:
+    """``json.loads`` that refuses duplicate keys, NaN/Infinity and nesting deeper than :data:`MAX_DEPTH`
+    (checked before parsing, so a deeply nested file gives a :class:`CacheError`, never a ``RecursionError``)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _corrupt(file, f"not JSON (not UTF-8: {error})") from None
+    brackets = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "replace"), np.uint8)
+    step = (brackets == ord("[")).astype(np.int64) + (brackets == ord("{")) - (brackets == ord("]")) \
+        - (brackets == ord("}"))
+    depth = int(np.cumsum(step).max()) if step.size else 0
+    if depth > MAX_DEPTH:
+        raise _corrupt(file, f"expected JSON nested at most {MAX_DEPTH} levels deep (an index needs 5), got "
+                             f"{depth} levels")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except _Duplicate as duplicate:
+        raise _corrupt(file, f"expected every key once per JSON object, got the key {_show(duplicate.args[0])} "
+                             "twice") from None
+    except ValueError as error:
         raise _corrupt(file, f"not JSON ({error})") from None
+
+
+def _corrupt(file: str, what: str) -> CacheError:
+    return CacheError(f"dk.cache.read: corrupt cache index {file!r}: {what}. Rewrite the cache with "
+                      "dk.cache.write.")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 60, 60, 6, 4
+
+
+def _show(value) -> str:
+    """A short repr of a JSON value, bounded in length and depth."""
+    return _REPR.repr(value)
+
+
+def _at(parent: str, key) -> str:
+    """The JSON path of ``parent``'s member ``key``: ``shards[0].files['logits-tail'].size``."""
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    if key.isidentifier():
+        return f"{parent}.{key}" if parent else key
+    return f"{parent}[{_show(key)}]"
+
+
+def _digest(index: Mapping) -> str:
+    """SHA-256 of the index without its ``digest`` field, in canonical JSON: any edit of the index shows."""
+    body = {k: v for k, v in index.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+_INDEX_FIELDS = {
+    "format": f"{FORMAT!r}", "version": "the format version", "generation": "the write's generation id",
+    "logits": "null or the logits format (an object)", "dtype": "'float16' or 'float32'",
+    "features": "an object {output name: null or a list of layer indices}",
+    "arrays": "an object {array name: its description}", "tokens": "an int >= 0", "nbytes": "an int >= 0",
+    "shards": "a list of shards", "batches": "a list of batches", "digest": "the SHA-256 of the index",
+}
+_LOGITS_FIELDS = {"format": "'dense' or 'topk'", "key": "the teacher output name (a str)",
+                  "k": "null (dense) or the kept classes (an int >= 1)", "vocab": "the number of classes (an int >= 1)",
+                  "temperature": "a number > 0"}
+_PART_FIELDS = {"key": "the teacher output name (a str)", "part": "'dense', 'indices', 'logprobs' or 'tail'"}
+_LAYER_FIELDS = {"key": "the teacher output name (a str)", "layer": "null or a layer index (an int >= 0)",
+                 "layers": "null or the number of layers (an int >= 1)"}
+_FILE_FIELDS = {"file": "the shard file name", "size": "its number of elements (an int >= 0)",
+                "dtype": "its dtype"}
+
+
+class _Walk:
+    """Checks of one index's fields: a failure names the file, the field's JSON path, what was expected and what
+    was found."""
+
+    def __init__(self, file: str):
+        self.file = file
+
+    def fail(self, at: str, expected: str, got: str):
+        raise _corrupt(self.file, f"{at or 'the top level'}: expected {expected}, got {got}")
+
+    def fields(self, value, at: str, fields: Mapping[str, str]) -> dict:
+        if not isinstance(value, dict):
+            self.fail(at, f"an object with the fields {', '.join(fields)}", _show(value))
+        for name, what in fields.items():
+            if name not in value:
+                self.fail(_at(at, name), what, "nothing (the field is missing)")
+        for name in value:
+            if name not in fields:
+                self.fail(at, f"only the fields {', '.join(fields)}", f"the unknown field {_show(name)}")
+        return value
+
+    def mapping(self, value, at: str, what: str) -> dict:
+        if not isinstance(value, dict):
+            self.fail(at, what, _show(value))
+        return value
+
+    def list(self, value, at: str, what: str) -> list:
+        if not isinstance(value, list):
+            self.fail(at, what, _show(value))
+        return value
+
+    def int(self, value, at: str, low: int = 0, high: int | None = None, what: str | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None
+                                                                                    and value >= high):
+            span = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
+            self.fail(at, what or span, _show(value))
+        return value
+
+    def str(self, value, at: str, what: str = "a str") -> str:
+        if not isinstance(value, str):
+            self.fail(at, what, _show(value))
+        return value
+
+    def choice(self, value, at: str, options: Sequence) -> Any:
+        if isinstance(value, bool) or value not in options:
+            self.fail(at, " or ".join(map(repr, options)), _show(value))
+        return value
+
+    def equal(self, value, at: str, expected, why: str) -> None:
+        if type(value) is not type(expected) or value != expected:
+            self.fail(at, f"{_show(expected)} ({why})", _show(value))
+
+
+def _validate(index, file: str) -> list:
+    """Check every field of a parsed index (structure, types, ranges, and that the parts agree with each other);
+    return per batch ``(shard, {array: (offset, shape)})``. Raises :class:`CacheError` naming the file and field."""
+    w = _Walk(file)
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise _corrupt(file, f"expected format {FORMAT!r}")
-    if index.get("version") != VERSION:
-        raise ValueError(f"{api}: expected a cache of format version {VERSION}, got version "
-                         f"{index.get('version')!r} in {str(file)!r}.")
-    try:
-        slots = _check_index(index)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
-        raise _corrupt(file, f"{type(error).__name__}: {error}") from None
-    return index, slots
+        w.fail("format", f"format {FORMAT!r} (an index written by dk.cache.write)",
+               _show(index.get("format") if isinstance(index, dict) else index))
+    version = index.get("version")
+    if isinstance(version, bool) or version not in VERSIONS:
+        raise CacheError(f"dk.cache.read: expected a cache of format version {' or '.join(map(str, VERSIONS))}, got "
+                         f"version {_show(version)} in {file!r}.")
+    fields = dict(_INDEX_FIELDS)
+    if version == 1:  # before generations and digests
+        del fields["generation"], fields["digest"]
+    w.fields(index, "", fields)
+    generation = None
+    if version >= 2:
+        generation = w.str(index["generation"], "generation", "16 hexadecimal digits")
+        if not _GENERATION.fullmatch(generation):
+            w.fail("generation", "16 hexadecimal digits", _show(generation))
+        w.str(index["digest"], "digest", "a SHA-256 in hexadecimal")
+    dtype = w.choice(index["dtype"], "dtype", tuple(_DTYPES))
 
+    arrays = w.mapping(index["arrays"], "arrays", _INDEX_FIELDS["arrays"])
+    names = list(arrays)
+    expected_dtype: dict[str, str] = {}
+    parts: dict[str, str] = {}  # part -> array name
+    layered: dict[str, dict] = {}  # feature key -> {"layers": n or None, "layer": [indices]}
+    feature_numbers: list[int] = []
+    for name, m in arrays.items():
+        at = _at("arrays", name)
+        if isinstance(m, dict) and "part" in m:
+            w.fields(m, at, _PART_FIELDS)
+            part = w.choice(m["part"], _at(at, "part"), ("dense", "indices", "logprobs", "tail"))
+            w.str(m["key"], _at(at, "key"))
+            if name != (want := "logits" if part == "dense" else f"logits-{part}"):
+                w.fail("arrays", f"the name {want!r} for the logits part {part!r}", _show(name))
+            parts[part] = name  # once each: the name follows from the part
+            expected_dtype[name] = {"indices": "int32", "tail": "float32"}.get(part, dtype)
+            continue
+        w.fields(m, at, _LAYER_FIELDS)
+        key = w.str(m["key"], _at(at, "key"))
+        number = re.fullmatch(r"feature-(0|[1-9]\d*)", name)
+        if not number:
+            w.fail("arrays", "the names 'logits' or 'logits-<part>' for logits, 'feature-<n>' for features",
+                   _show(name))
+        feature_numbers.append(int(number[1]))
+        expected_dtype[name] = dtype
+        if m["layer"] is None:
+            if m["layers"] is not None:
+                w.fail(_at(at, "layers"), "null (the whole output is cached, layer is null)", _show(m["layers"]))
+            if key in layered:
+                w.fail(at, f"output {_show(key)} cached once as a whole or by layers", "a second entry")
+            layered[key] = {"layers": None, "layer": []}
+            continue
+        layers = w.int(m["layers"], _at(at, "layers"), 1)
+        layer = w.int(m["layer"], _at(at, "layer"), 0, layers,
+                      f"a layer index in [0, {layers}) (the output has {layers} layers)")
+        seen = layered.setdefault(key, {"layers": layers, "layer": []})
+        if seen["layers"] != layers:
+            w.fail(_at(at, "layers"), f"{_show(seen['layers'])} like the other layers of {_show(key)}", _show(layers))
+        if layer in seen["layer"]:
+            w.fail(_at(at, "layer"), f"each layer of {_show(key)} once", f"layer {layer} twice")
+        seen["layer"].append(layer)
 
-def _check_index(index: dict) -> list:
-    """Validate the index's structure; return per batch ``(shard, {array: (offset, shape)})``."""
-    names = set(index["arrays"])
-    for m in index["arrays"].values():
-        if not isinstance(m, dict) or not isinstance(m["key"], str) or not ("part" in m or "layer" in m):
-            raise TypeError("array descriptions must be objects with a 'key' and a 'part' or 'layer'")
-    for shard in index["shards"]:
-        if set(shard["files"]) != names:
-            raise ValueError("a shard does not list every array")
-        for f in shard["files"].values():
-            if not (isinstance(f["file"], str) and "/" not in f["file"] and "\\" not in f["file"]
-                    and f["file"].endswith(".npy") and isinstance(f["size"], int) and f["size"] >= 0
-                    and f["dtype"] in ("float16", "float32", "int32")):
-                raise ValueError(f"bad file entry {f!r}")
-    used = [dict.fromkeys(names, 0) for _ in index["shards"]]
+    if sorted(feature_numbers) != list(range(len(feature_numbers))):
+        w.fail("arrays", f"features numbered 0 to {len(feature_numbers) - 1}",
+               _show([f"feature-{n}" for n in sorted(feature_numbers)]))
+
+    logits = index["logits"]
+    vocab = k = None
+    if logits is not None:
+        w.fields(logits, "logits", _LOGITS_FIELDS)
+        fmt = w.choice(logits["format"], "logits.format", ("dense", "topk"))
+        key = w.str(logits["key"], "logits.key")
+        if key in layered:
+            w.fail("logits.key", "an output name other than the features'", _show(key))
+        if names or logits["vocab"] is not None:  # an empty version-1 cache has no vocab
+            vocab = w.int(logits["vocab"], "logits.vocab", 1)
+        temperature = logits["temperature"]
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+                math.isfinite(temperature) and temperature > 0):
+            w.fail("logits.temperature", "a finite number > 0", _show(temperature))
+        if fmt == "dense":
+            w.equal(logits["k"], "logits.k", None, "the dense format keeps every class")
+            if temperature != 1:
+                w.fail("logits.temperature", "1.0 (dense logits are stored raw)", _show(temperature))
+        else:
+            k = w.int(logits["k"], "logits.k", 1, None if vocab is None else vocab + 1,
+                      f"the kept classes, an int in [1, {vocab}] (vocab is {vocab})" if vocab else None)
+        for part in parts.values():
+            w.equal(arrays[part]["key"], _at(_at("arrays", part), "key"), key, "logits.key")
+        want = set() if not names else {"dense"} if fmt == "dense" else {"indices", "logprobs", "tail"}
+        if set(parts) != want:
+            w.fail("arrays", f"the arrays of logits format {fmt!r}: {sorted(want)}", f"parts {sorted(parts)}")
+    elif parts:
+        w.fail("arrays", "no logits arrays (logits is null)", _show(sorted(parts.values())))
+
+    features = w.mapping(index["features"], "features", _INDEX_FIELDS["features"])
+    for key, layers in features.items():
+        at = _at("features", key)
+        if layers is not None:
+            w.list(layers, at, "null or a non-empty list of layer indices")
+            if not layers:
+                w.fail(at, "null or a non-empty list of layer indices", "[]")
+            for j, layer in enumerate(layers):
+                w.int(layer, _at(at, j), -(1 << 62), what="a layer index (an int)")
+        if names and key not in layered:
+            w.fail(at, f"an output cached in arrays (cached: {sorted(layered)})", _show(key))
+        if not names:
+            continue
+        n, got = layered[key]["layers"], sorted(layered[key]["layer"])
+        if layers is None:
+            if not (n is None or got == list(range(n))):
+                w.fail(at, f"the layers cached in arrays, {got}", "null (every layer)")
+        elif n is None:
+            w.fail(at, "null (arrays cache the whole output)", _show(layers))
+        elif any(not -n <= layer < n for layer in layers) or sorted({layer % n for layer in layers}) != got:
+            w.fail(at, f"the layers cached in arrays, {got} of {n}", _show(layers))
+    missing = [key for key in layered if key not in features]
+    if missing:
+        w.fail("features", f"an entry for every cached output ({sorted(layered)})", f"none for {_show(missing[0])}")
+
+    shards = w.list(index["shards"], "shards", _INDEX_FIELDS["shards"])
+    for s, shard in enumerate(shards):
+        at = _at("shards", s)
+        files = w.fields(shard, at, {"files": "an object {array name: file}"})["files"]
+        w.mapping(files, _at(at, "files"), "an object {array name: file}")
+        if set(files) != set(names):
+            w.fail(_at(at, "files"), f"a file for each array, {names}", _show(list(files)))
+        for name, f in files.items():
+            fat = _at(_at(at, "files"), name)
+            w.fields(f, fat, _FILE_FIELDS)
+            w.equal(f["file"], _at(fat, "file"), _shard_file(s, name, generation),
+                    "the file of this shard and array")
+            w.int(f["size"], _at(fat, "size"))
+            w.equal(f["dtype"], _at(fat, "dtype"), expected_dtype[name], f"the dtype of {name}")
+
+    batches = w.list(index["batches"], "batches", _INDEX_FIELDS["batches"])
+    if bool(batches) != bool(names):
+        w.fail("arrays" if batches else "batches", "batches and arrays, or neither", f"{len(batches)} batches and "
+               f"{len(names)} arrays")
+    used = [dict.fromkeys(names, 0) for _ in shards]
     slots = []
-    for b in index["batches"]:
-        shard, shapes = b["shard"], b["shapes"]
-        if not (isinstance(shard, int) and 0 <= shard < len(used) and set(shapes) == names):
-            raise ValueError(f"batch entry {b} names no shard or not every array")
-        places = {}
+    tokens = 0
+    previous = 0
+    for b, batch in enumerate(batches):
+        at = _at("batches", b)
+        w.fields(batch, at, {"shard": "a shard number (an int)", "shapes": "an object {array name: shape}"})
+        shard = w.int(batch["shard"], _at(at, "shard"), previous, len(shards),
+                      f"a shard number in [{previous}, {len(shards)}) (batches are stored in order)")
+        previous = shard
+        shapes = w.mapping(batch["shapes"], _at(at, "shapes"), "an object {array name: shape}")
+        if set(shapes) != set(names):
+            w.fail(_at(at, "shapes"), f"a shape for each array, {names}", _show(list(shapes)))
         for name, shape in shapes.items():
-            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-                raise ValueError(f"bad shape {shape!r}")
+            sat = _at(_at(at, "shapes"), name)
+            w.list(shape, sat, "a shape (a non-empty list of ints >= 0)")
+            if not shape:
+                w.fail(sat, "a shape with a batch dimension", "[]")
+            for d, size in enumerate(shape):
+                w.int(size, _at(sat, d))
+        first = names[0]
+        for name, shape in shapes.items():
+            if shape[0] != shapes[first][0]:
+                w.fail(_at(_at(at, "shapes"), name), f"batch size {shapes[first][0]} (first dimension) like "
+                                                     f"{first}", _show(shape))
+        if "dense" in parts:
+            shape = shapes[parts["dense"]]
+            if len(shape) < 2 or shape[-1] != vocab:
+                w.fail(_at(_at(at, "shapes"), parts["dense"]), f"a shape [B, ..., {vocab}] (vocab is {vocab})",
+                       _show(shape))
+        if "indices" in parts:
+            shape = shapes[parts["indices"]]
+            if len(shape) < 2 or shape[-1] != k:
+                w.fail(_at(_at(at, "shapes"), parts["indices"]), f"a shape [B, ..., {k}] (k is {k})", _show(shape))
+            w.equal(shapes[parts["logprobs"]], _at(_at(at, "shapes"), parts["logprobs"]), shape,
+                    f"the shape of {parts['indices']}")
+            w.equal(shapes[parts["tail"]], _at(_at(at, "shapes"), parts["tail"]), shape[:-1],
+                    f"the shape of {parts['indices']} without its last dimension")
+        places = {}
+        for name in names:
+            shape = shapes[name]
             places[name] = (used[shard][name], tuple(shape))
             used[shard][name] += math.prod(shape)
         slots.append((shard, places))
-    for shard, counts in zip(index["shards"], used, strict=True):
-        if any(counts[name] != f["size"] for name, f in shard["files"].items()):
-            raise ValueError("the batches' shapes do not add up to a shard's size")
-    if index["logits"] is not None and index["logits"]["format"] not in ("dense", "topk"):
-        raise ValueError("unknown logits format")
-    if not (isinstance(index["tokens"], int) and isinstance(index["nbytes"], int)
-            and isinstance(index["features"], dict) and index["dtype"] in _DTYPES):
-        raise ValueError("bad tokens, nbytes, features or dtype")
+        tokens += _tokens(shapes)
+    for s, (shard, counts) in enumerate(zip(shards, used, strict=True)):
+        for name, f in shard["files"].items():
+            w.equal(f["size"], _at(_at(_at(_at("shards", s), "files"), name), "size"), counts[name],
+                    "the sizes of the batches stored in it add up to it")
+    w.equal(index["tokens"], "tokens", tokens, "the token positions of the batches' shapes")
+    nbytes = sum(f["size"] * np.dtype(f["dtype"]).itemsize for shard in shards for f in shard["files"].values())
+    w.equal(index["nbytes"], "nbytes", nbytes, "the shard files' data bytes")
+    if version >= 2 and index["digest"] != _digest(index):
+        w.fail("digest", "the SHA-256 of the other fields", "another one: the index was edited or damaged after it "
+               "was written")
     return slots
 
 
-def _check_shard_file(file: Path, entry: Mapping) -> None:
-    """The ``.npy`` header says a C-ordered 1-D array of the index's size and dtype, and the file holds all of it."""
-    if not file.is_file():
-        raise FileNotFoundError(f"dk.cache.read: expected shard file {str(file)!r} listed in the index; it is "
-                                "missing.")
+# ------------------------------------------------------------------------------------ reading the data
+def _open_shard(path: Path, entry: Mapping, *, mmap: bool) -> np.ndarray | None:
+    """Check that the shard file ``entry`` is a ``.npy`` of a C-ordered 1-D array of the index's size and dtype,
+    all there; return its memory map when ``mmap`` (of the very file checked: one descriptor)."""
+    file = path / entry["file"]
     try:
-        with open(file, "rb") as fh:
+        fd = _open_regular(file, what="shard file")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"dk.cache.read: expected shard file {str(file)!r} listed in the index; it is "
+                                "missing.") from None
+    with os.fdopen(fd, "rb") as fh:
+        try:
             version = np.lib.format.read_magic(fh)
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
             shape, fortran, dtype = read_header(fh)
             offset = fh.tell()
-    except (ValueError, OSError, EOFError) as error:
-        raise ValueError(f"dk.cache.read: corrupt shard file {str(file)!r}: {error}") from None
-    expected = offset + entry["size"] * np.dtype(entry["dtype"]).itemsize
-    if shape != (entry["size"],) or dtype != np.dtype(entry["dtype"]) or fortran:
-        raise ValueError(f"dk.cache.read: corrupt shard file {str(file)!r}: expected a 1-D {entry['dtype']} array "
-                         f"of {entry['size']} elements, got shape {shape} and dtype {dtype}.")
-    if os.path.getsize(file) != expected:
-        raise ValueError(f"dk.cache.read: corrupt shard file {str(file)!r}: expected {expected} bytes, got "
-                         f"{os.path.getsize(file)} (truncated?).")
+        except (ValueError, OSError, EOFError) as error:
+            raise CacheError(f"dk.cache.read: corrupt shard file {str(file)!r}: {error}") from None
+        expected = offset + entry["size"] * np.dtype(entry["dtype"]).itemsize
+        if shape != (entry["size"],) or dtype != np.dtype(entry["dtype"]) or fortran:
+            raise CacheError(f"dk.cache.read: corrupt shard file {str(file)!r}: expected a 1-D {entry['dtype']} "
+                             f"array of {entry['size']} elements, got shape {shape} and dtype {dtype}.")
+        size = os.fstat(fh.fileno()).st_size
+        if size != expected:
+            raise CacheError(f"dk.cache.read: corrupt shard file {str(file)!r}: expected {expected} bytes, got "
+                             f"{size} (truncated?).")
+        return np.memmap(fh, dtype=dtype, mode="r", offset=offset, shape=shape) if mmap else None
 
 
 def read(path: str | os.PathLike, *, device=None, open_shards: int = 4) -> Cache:
     """Open the cache at ``path`` as a :class:`Cache`, after validating the index and every shard file's header.
 
     ``device``: where ``cache[i]``'s tensors go (default: CPU); ``open_shards``: how many shards stay
-    memory-mapped at a time (least recently used closed first). Raises ``FileNotFoundError`` for a missing
-    directory, index or shard file and ``ValueError`` for a corrupt index or shard file.
+    memory-mapped at a time (least recently used closed first). Opening during an overwrite gives the old cache or
+    the new one, whole; reading a batch after the cache was overwritten raises :class:`CacheChangedError`.
+
+    Raises ``FileNotFoundError`` for a missing directory, index or shard file and :class:`CacheError` (a
+    ``ValueError``) for a corrupt index or shard file, naming the file and, in the index, the field.
     """
     if isinstance(open_shards, bool) or not isinstance(open_shards, int) or open_shards < 1:
         raise ValueError(f"dk.cache.read: expected open_shards to be a positive int, got {open_shards!r}.")
     path = Path(path)
-    index, slots = _load_index(path)
-    for shard in index["shards"]:
-        for f in shard["files"].values():
-            _check_shard_file(path / f["file"], f)
-    return Cache(path, index, slots, device, open_shards)
+    for _ in range(_OPEN_ATTEMPTS):
+        try:
+            fd, stamp, index, slots = _open_index(path)
+        except CacheChangedError:
+            continue
+        cache = Cache(path, index, slots, device, open_shards, _opened=(fd, stamp))  # closes fd when collected
+        try:
+            for shard in index["shards"]:
+                for f in shard["files"].values():
+                    _open_shard(path, f, mmap=False)
+        except (OSError, CacheError):
+            if cache._unchanged():
+                cache._close_index()
+                raise
+        if cache._unchanged():
+            return cache
+        cache._close_index()  # overwritten meanwhile (its files maybe removed): open the new one
+    raise CacheChangedError(f"dk.cache.read: expected the cache at {str(path)!r} to stay unchanged while it is "
+                            f"opened, got a new one {_OPEN_ATTEMPTS} times in a row.")

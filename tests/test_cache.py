@@ -243,40 +243,51 @@ def test_read_errors(tmp_path):
     with pytest.raises(ValueError, match=r"corrupt cache index .*: expected format 'distilkit.cache'"):
         dkc.read(path)
     index_file.write_text(json.dumps({**json.loads(good), "version": 99}))
-    with pytest.raises(ValueError, match="expected a cache of format version 1, got version 99"):
+    with pytest.raises(ValueError, match="expected a cache of format version 1 or 2, got version 99"):
         dkc.read(path)
     broken = json.loads(good)
     broken["batches"][0]["shapes"]["logits-tail"][1] += 1
     index_file.write_text(json.dumps(broken))
-    with pytest.raises(ValueError, match=r"corrupt cache index .*do not add up to a shard's size"):
+    with pytest.raises(ValueError, match=r"corrupt cache index .*: batches\[0\]\.shapes\['logits-tail'\]: "
+                                         r"expected \[2, 4\] \(the shape of logits-indices without its last"):
         dkc.read(path)
     broken = json.loads(good)
     del broken["shards"]
     index_file.write_text(json.dumps(broken))
-    with pytest.raises(ValueError, match=r"corrupt cache index .*KeyError"):
+    with pytest.raises(ValueError, match=r"corrupt cache index .*: shards: expected a list of shards, got nothing "
+                                         r"\(the field is missing\)"):
         dkc.read(path)
     broken = json.loads(good)
     broken["shards"][0]["files"]["logits-tail"]["file"] = "../elsewhere.npy"
     index_file.write_text(json.dumps(broken))
-    with pytest.raises(ValueError, match=r"corrupt cache index .*bad file entry"):
+    with pytest.raises(ValueError, match=r"corrupt cache index .*: shards\[0\]\.files\['logits-tail'\]\.file: "
+                                         r"expected 'shard-00000-[0-9a-f]{16}-logits-tail\.npy'.*got '\.\./elsewhere"):
         dkc.read(path)
     broken = json.loads(good)
     broken["shards"][0]["files"]["logits-tail"]["dtype"] = "float16"
     index_file.write_text(json.dumps(broken))
-    with pytest.raises(ValueError, match=r"corrupt shard file .*logits-tail.npy.*: expected a 1-D float16 array"):
+    with pytest.raises(ValueError, match=r"corrupt cache index .*: shards\[0\]\.files\['logits-tail'\]\.dtype: "
+                                         r"expected 'float32' \(the dtype of logits-tail\), got 'float16'"):
         dkc.read(path)
     index_file.write_text(good)
 
-    shard = path / "shard-00000-feature-0.npy"
+    [tail] = path.glob("shard-00000-*-logits-tail.npy")
+    data = tail.read_bytes()
+    np.save(tail, np.zeros(np.load(tail).size, np.float16))  # the header disagrees with the index
+    with pytest.raises(ValueError, match=r"corrupt shard file .*logits-tail.npy.*: expected a 1-D float32 array"):
+        dkc.read(path)
+    tail.write_bytes(data)
+
+    [shard] = path.glob("shard-00000-*-feature-0.npy")
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"corrupt shard file .*shard-00000-feature-0.npy.*truncated"):
+    with pytest.raises(ValueError, match=r"corrupt shard file .*shard-00000-[0-9a-f]{16}-feature-0.npy.*truncated"):
         dkc.read(path)
     shard.write_bytes(b"not a numpy file")
-    with pytest.raises(ValueError, match=r"corrupt shard file .*shard-00000-feature-0.npy"):
+    with pytest.raises(ValueError, match=r"corrupt shard file .*shard-00000-[0-9a-f]{16}-feature-0.npy"):
         dkc.read(path)
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=r"expected shard file .*shard-00000-feature-0.npy"):
+    with pytest.raises(FileNotFoundError, match=r"expected shard file .*shard-00000-[0-9a-f]{16}-feature-0.npy"):
         dkc.read(path)
 
 
