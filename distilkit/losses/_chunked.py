@@ -208,7 +208,7 @@ def check_reduction(api: str, reduction: object) -> None:
 def prepare_rows(api: str, lead: tuple[int, ...], like: Tensor, temperature, mask):
     """Flattened per-row temperature (float, 0-d or ``[N]``) and keep-mask (``[N]`` bool or None)."""
     keep = check.mask(api, mask, lead, like)
-    temp = check.positive(api, "temperature", temperature, lead, like)
+    temp = check.temperature(api, temperature, lead, like)
     if isinstance(temp, Tensor):
         temp = temp.to(compute_dtype(like))
         if temp.ndim:

@@ -398,7 +398,7 @@ def _labels(api: str, labels, lead: tuple, like: Tensor, ignore_index: int, voca
         raise ValueError(f"{api}: expected labels of shape {lead} (the hidden states' leading shape), got "
                          f"{tuple(labels.shape)}.")
     check.same_device(api, student_hidden=like, labels=labels)
-    check.eager_check(api, (labels == ignore_index) | ((labels >= 0) & (labels < vocab)),
+    check.graph_check(api, (labels == ignore_index) | ((labels >= 0) & (labels < vocab)),
                       f"expected labels in [0, {vocab}) or equal to ignore_index={ignore_index}.")
     return labels
 

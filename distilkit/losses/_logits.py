@@ -43,7 +43,7 @@ def _scaled_logits(api, student, teacher, temperature, mask):
         raise ValueError(f"{api}: expected at least one class in the last dimension, got shape {tuple(s.shape)}.")
     lead = tuple(s.shape[:-1])
     keep = check.mask(api, mask, lead, s)
-    temp = check.positive(api, "temperature", temperature, lead, s)
+    temp = check.temperature(api, temperature, lead, s)
     column = temp.unsqueeze(-1) if isinstance(temp, Tensor) and temp.ndim else temp
     s, t = check.zero_dropped(s, keep), check.zero_dropped(t, keep)
     return s / column, t / column, temp, keep
@@ -181,7 +181,7 @@ def hard_ce(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Part
     check.same_device(api, logits=z, labels=labels)
     keep = labels != ignore_index
     num_classes = z.shape[-1]
-    check.eager_check(api, ~keep | ((labels >= 0) & (labels < num_classes)),
+    check.graph_check(api, ~keep | ((labels >= 0) & (labels < num_classes)),
                       f"expected labels in [0, {num_classes}) or equal to ignore_index={ignore_index}.")
     safe = torch.where(keep, labels, torch.zeros_like(labels)).long()
     values = -F.log_softmax(check.zero_dropped(z, keep), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)

@@ -143,7 +143,7 @@ def _teacher(api: str, teacher: object, lead: tuple[int, ...], num_classes: int,
     check.same_device(api, student=like, indices=indices, logprobs=logprobs, tail=tail)
     check.eager_check(api, (indices >= 0) & (indices < num_classes),
                       f"expected teacher indices in [0, {num_classes}).")
-    stored = check.positive(api, "teacher temperature", teacher.get("temperature", 1.0), lead, like)
+    stored = check.temperature(api, teacher.get("temperature", 1.0), lead, like, name="teacher temperature")
     return indices.long(), logprobs.to(like.dtype), None if tail is None else tail.to(like.dtype), stored
 
 
@@ -183,7 +183,7 @@ def _buckets(api: str, student, teacher, temperature, mask, policy: str, infinit
             "no mass outside its top k while the student always has, so the divergence is +inf."
         )
     keep = check.mask(api, mask, lead, s)
-    temp = check.positive(api, "temperature", temperature, lead, s)
+    temp = check.temperature(api, temperature, lead, s)
     # dropped rows: selected to 0 (NaN or inf left there reaches neither the value nor a gradient)
     s, logprobs = check.zero_dropped(s, keep), check.zero_dropped(logprobs, keep)
     tail = None if tail is None else check.zero_dropped(tail, keep, trailing=0)

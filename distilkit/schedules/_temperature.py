@@ -6,7 +6,8 @@ gets a weight ``w_i`` and ``τ_i = base + (mean(w) − w_i) · beta``, so rows w
 lower temperature (a sharper target). Two differences from TextBrewer, which has neither masks nor a floor:
 
 * with a ``mask`` the batch mean is over the kept rows only, ``Σ w·m / max(Σ m, 1)``, and masked rows get ``base``;
-* ``τ`` is clamped below at :data:`MIN_TEMPERATURE` (0.01), so a large ``beta`` can never make it zero or negative.
+* ``τ`` is clamped to [:data:`MIN_TEMPERATURE` (0.01), the losses' ``MAX_TEMPERATURE`` (100)], so a large ``beta``
+  can never make it zero, negative, or a temperature the losses refuse.
 
 No gradient flows through the temperature (the logits are detached). Branch-free, so it compiles with
 ``fullgraph=True``.
@@ -52,10 +53,10 @@ def _spread(w: Tensor, keep: Tensor | None, base: Tensor, beta: Tensor) -> Tenso
     """``base + (mean(w) − w) · beta`` with the mean over kept rows, masked rows at ``base``, floored."""
     base, beta = base.to(w.device), beta.to(w.device)
     if keep is None:
-        return (base + (w.mean() - w) * beta).clamp_min(MIN_TEMPERATURE)
+        return (base + (w.mean() - w) * beta).clamp(MIN_TEMPERATURE, check.MAX_TEMPERATURE)
     kept = torch.where(keep, w, torch.zeros_like(w))  # selects out garbage (inf, NaN) in masked rows
     mean = kept.sum() / keep.sum().clamp_min(1).to(w.dtype)
-    return torch.where(keep, base + (mean - kept) * beta, base).clamp_min(MIN_TEMPERATURE)
+    return torch.where(keep, base + (mean - kept) * beta, base).clamp(MIN_TEMPERATURE, check.MAX_TEMPERATURE)
 
 
 def _positive(api: str, name: str, value: object) -> Tensor:
