@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import distilkit as dk
 from distilkit.losses import _cpu_kernel, _table
@@ -209,3 +210,41 @@ def test_the_kernel_numbers_the_kinds_as_the_table():
     assert tuple(f"-D{k.upper()}={i}" for i, k in enumerate(_table.TABLE)) == _cpu_kernel.DEFINES
     source = _cpu_kernel.SOURCE.read_text()
     assert "enum {" not in source  # (no second numbering in the C source)
+
+
+def test_no_gradient_wanted_none_computed(monkeypatch):
+    """Without grad (no_grad, or no input requiring it) the chunked and fused paths compute the rows only: no kernel
+    call (it writes a gradient), no [N, V] gradient buffer; the values equal the dense ones."""
+    calls = _kernel_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(4)
+    s, t = torch.randn(8, 70, 128, generator=gen), torch.randn(8, 70, 128, generator=gen)
+    allocated = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._schema.is_mutable or func.is_view or func in (torch.ops.aten.detach.default,
+                                                                   torch.ops.aten.alias.default):
+                return out  # (views and in-place ops allocate nothing)
+            for x in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(x, torch.Tensor):
+                    allocated.append((x.numel(), str(func)))
+            return out
+
+    for kind in KINDS:
+        options = EXTRA.get(kind, {})
+        want = getattr(dk, kind)(s, t, temperature=2.0, impl="dense", **options)
+        with Sizes():
+            got = getattr(dk, kind)(s, t, temperature=2.0, impl="chunked", chunk_size=16, **options)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        with torch.no_grad(), Sizes():
+            got = getattr(dk, kind)(s.requires_grad_(), t, temperature=2.0, impl="chunked", chunk_size=16, **options)
+        s.requires_grad_(False)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    eye = torch.eye(128)
+    with torch.no_grad(), Sizes():
+        fused = dk.losses.fused_linear_kd(s, eye.requires_grad_(), t, eye, temperature=2.0, chunk_size=16)
+    torch.testing.assert_close(fused, dk.kd_kl(s, t, temperature=2.0, impl="dense"), rtol=1e-5, atol=1e-6)
+    assert not calls
+    biggest = max(allocated)
+    assert biggest[0] < s.numel(), biggest  # nothing of the logits' size: one chunk at a time

@@ -71,19 +71,36 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _body(kind: str, zs: Tensor, zt: Tensor, temp, factor, param, t2_scale: bool,
-          keep: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One chunk: rows of the divergence table's ``kind`` (times T² with ``t2_scale``) and ``factor · ∂row/∂x_S``,
-    0 in dropped rows (selected, so garbage there never leaks). ``zs``, ``zt``: ``[c, V]`` logits of any dtype;
-    ``temp``, ``factor``: floats, 0-d or ``[c, 1]`` tensors."""
+          keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One chunk: rows of the divergence table's ``kind`` (times T² with ``t2_scale``) and ``factor · ∂row/∂x_S``
+    (None when ``factor`` is None: no gradient wanted), 0 in dropped rows (selected, so garbage there never leaks).
+    ``zs``, ``zt``: ``[c, V]`` logits of any dtype; ``temp``, ``factor``: floats, 0-d or ``[c, 1]`` tensors."""
     dtype = compute_dtype(zs)
-    rows, grad = table.rows_and_grad(kind, zs.to(dtype) / temp, zt.to(dtype) / temp, param)
-    grad = grad * factor
+    xs, xt = zs.to(dtype) / temp, zt.to(dtype) / temp
+    if factor is None:
+        rows, grad = table.value(kind, torch.log_softmax(xs, -1), torch.log_softmax(xt, -1), param), None
+    else:
+        rows, grad = table.rows_and_grad(kind, xs, xt, param)
+        grad = grad * factor
     if t2_scale:
         rows = rows * (temp.squeeze(-1) if isinstance(temp, Tensor) and temp.ndim else temp) ** 2
     if keep is not None:
         rows = rows.masked_fill(~keep, 0)
-        grad = grad.masked_fill(~keep.unsqueeze(-1), 0)
+        grad = None if grad is None else grad.masked_fill(~keep.unsqueeze(-1), 0)
     return rows, grad
+
+
+def values_only(kind: str, student: Tensor, teacher: Tensor, temp, keep, param, t2_scale: bool,
+                chunk: int) -> Tensor:
+    """The rows ``[N]`` of ``kind`` chunk by chunk, without any gradient (nothing computed, nothing kept)."""
+    n = student.shape[0]
+    rows = torch.empty(n, dtype=compute_dtype(student), device=student.device)
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        t_c = temp[i:j].unsqueeze(-1) if isinstance(temp, Tensor) and temp.ndim else temp
+        rows[i:j] = chunk_body(kind, student[i:j], teacher[i:j], t_c, None, param, t2_scale,
+                               None if keep is None else keep[i:j])[0]
+    return rows
 
 
 _compiled_body = None
@@ -237,11 +254,15 @@ def _divergence(api: str, kind: str, student, teacher, temperature, mask, t2_sca
     dtype = compute_dtype(s)
     count = (torch.tensor(float(n), dtype=dtype, device=s.device) if keep is None
              else keep.sum().to(dtype))
-    if mode == "none":
-        rows = _ChunkedDivergence.apply(s2, t2, temp, keep, None, kind, param, bool(t2_scale), chunk, True)
-        return rows.reshape(lead)
     divisor = count.clamp_min(1) if mode == "mean" else None
-    total = _ChunkedDivergence.apply(s2, t2, temp, keep, divisor, kind, param, bool(t2_scale), chunk, False)
+    if not (torch.is_grad_enabled() and s.requires_grad):  # no gradient wanted: none computed, none kept
+        rows = values_only(kind, s2, t2, temp, keep, param, bool(t2_scale), chunk)
+        total = rows.reshape(lead) if mode == "none" else finish_rows(rows, False, divisor)
+    elif mode == "none":
+        return _ChunkedDivergence.apply(s2, t2, temp, keep, None, kind, param, bool(t2_scale), chunk,
+                                        True).reshape(lead)
+    else:
+        total = _ChunkedDivergence.apply(s2, t2, temp, keep, divisor, kind, param, bool(t2_scale), chunk, False)
     return (total, count) if mode == "sum_count" else total
 
 

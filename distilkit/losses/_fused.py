@@ -67,8 +67,8 @@ class _Chunks:
     """The per-chunk work shared by both strategies: project, divergence rows, scaled gradient of the logits."""
 
     def __init__(self, hs, ws, bs, ht, wt, bt, temp, keep, kind, param, t2_scale, vocab, chunk, labels=None,
-                 ce_weight=1.0):
-        self.labels, self.ce_weight = labels, ce_weight
+                 ce_weight=1.0, want_grad=True):
+        self.labels, self.ce_weight, self.want_grad = labels, ce_weight, want_grad
         self.hs, self.ht = hs, ht
         self.ws, self.wt = ws[:vocab], wt[:vocab]
         self.bs = None if bs is None else bs[:vocab]
@@ -107,10 +107,11 @@ class _Chunks:
         label = torch.where(keep, self.labels[i:j], 0).unsqueeze(-1)
         lse = z.logsumexp(-1, keepdim=True)
         logp = torch.where(keep, (z.gather(-1, label) - lse).squeeze(-1), 0.0)
-        factor = self.ce_weight if scale is None else self.ce_weight * (
-            scale[i:j].unsqueeze(-1) if isinstance(scale, Tensor) and scale.ndim else scale)
-        g = (z - lse).exp_().scatter_add_(-1, label, torch.full_like(label, -1, dtype=z.dtype))
-        grad.add_(g.mul_(factor).masked_fill_(~keep.unsqueeze(-1), 0))
+        if grad is not None:
+            factor = self.ce_weight if scale is None else self.ce_weight * (
+                scale[i:j].unsqueeze(-1) if isinstance(scale, Tensor) and scale.ndim else scale)
+            g = (z - lse).exp_().scatter_add_(-1, label, torch.full_like(label, -1, dtype=z.dtype))
+            grad.add_(g.mul_(factor).masked_fill_(~keep.unsqueeze(-1), 0))
         return -logp, logp.detach()
 
     def _divergence(self, i: int, j: int, scale):
@@ -119,7 +120,7 @@ class _Chunks:
         zs = _project(self.hs[i:j], self.ws, self.bs, xs if self.direct_s else None)
         zt = _project(self.ht[i:j], self.wt, self.bt, xt if self.direct_t else None)
         temp = self.temp
-        if not torch.compiler.is_compiling() and _cpu_kernel.usable(zs, zt):
+        if self.want_grad and not torch.compiler.is_compiling() and _cpu_kernel.usable(zs, zt):
             scale_c = scale[i:j] if isinstance(scale, Tensor) and scale.ndim else scale
             rows = kernel_rows(zs, zt, out, temp[i:j] if isinstance(temp, Tensor) and temp.ndim else temp,
                                None if self.keep is None else self.keep[i:j], scale_c, self.kind, self.param, self.t2,
@@ -131,7 +132,7 @@ class _Chunks:
             factor = factor * scale[i:j].unsqueeze(-1)
         elif scale is not None:
             factor = factor * scale
-        rows, grad = chunk_body(self.kind, zs, zt, t_c, factor, self.param, self.t2,
+        rows, grad = chunk_body(self.kind, zs, zt, t_c, factor if self.want_grad else None, self.param, self.t2,
                                 None if self.keep is None else self.keep[i:j])
         return rows, grad, zs
 
@@ -358,6 +359,22 @@ def fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
     flat = None if labels is None else labels.reshape(-1).long()
     per_row = mode == "none"
     divisor = count.clamp_min(1) if mode == "mean" else None
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hs, ws, bs))):
+        # no gradient wanted: the rows (and parts) only, nothing computed or kept for a backward
+        work = _Chunks(hs2, ws, bs, ht2, wt, bt, temp, keep, kind, param, bool(t2_scale), vocab, chunk, flat,
+                       ce_weight, want_grad=False)
+        rows, parts = [], []
+        for i, j in work.ranges():
+            r, _, hard = work.logits_grad(i, j, None)
+            rows.append(r)
+            parts.append(torch.stack(hard) if hard is not None else r.new_zeros(0, j - i))
+        rows_all, parts_all = torch.cat(rows) if rows else hs2.new_zeros(0), torch.cat(parts, -1) if parts else None
+        total = rows_all.reshape(lead) if per_row else finish_rows(rows_all, False, divisor)
+        if labels is None:
+            return _result(total, count, mode, None, None, None, None)
+        kd, ce = ((parts_all[k].reshape(lead) if per_row else finish_rows(parts_all[k], False, divisor))
+                  for k in (0, 1))
+        return _result(total, count, mode, labels, kd, ce, parts_all[2].reshape(lead) if token_logprobs else None)
     total, kd, ce, logp = _FusedLinearKD.apply(hs2, ws, bs, ht2, wt, bt, temp, keep, divisor, flat, ce_weight, kind,
                                                param, bool(t2_scale), vocab, chunk, per_row, per_row or bool(recompute))
     if per_row:
