@@ -4,17 +4,20 @@
 distilkit demo [--out DIR] [--seeds N] [--quick]     distil on scikit-learn's digits, next to a labels-only baseline
 distilkit doctor [--no-compile] [--timeout S]         torch, devices, compilers, the CPU kernel, torch.compile: a
                                                       short report to paste into a bug report
-distilkit validate SPEC.json                          print the normalised spec, or its problems (exit status 2)
+distilkit validate SPEC.json|-                        print the normalised spec, or its problems (exit status 2);
+                                                      '-' reads standard input
 distilkit schema                                      print the JSON Schema of spec files
-distilkit convert-textbrewer CONFIG.json [--total-steps N] [-o OUT]
+distilkit convert-textbrewer CONFIG.json|- [--total-steps N] [-o OUT]
                                                       a TextBrewer DistillationConfig JSON as a distilkit spec JSON
 distilkit bench [ARGS...]                             the loss benchmarks (from a clone of the repository)
 ```
 
 Bad arguments give one line on stderr (``distilkit <command>: ...``) followed by that command's usage, and exit
-status 2; unreadable or invalid files give one line per problem and exit status 2; never a traceback. ``main(argv)``
-returns the exit status, so the command also runs in-process. Only the chosen command imports torch (``--help`` and
-argument errors stay fast).
+status 2; unreadable or invalid files give one line per problem, ``distilkit <command>: <file>: <path>: <message>``
+(``<stdin>`` for ``-``; ``<root>`` for the whole file), and exit status 2; never a traceback. Files are read by the
+same loader as ``dk.from_config`` / ``dk.from_textbrewer`` (no key twice, nesting at most 64 deep, numbers within
+float32's range, options within their ranges). ``main(argv)`` returns the exit status, so the command also runs
+in-process. Only the chosen command imports torch (``--help`` and argument errors stay fast).
 """
 
 from __future__ import annotations
@@ -117,9 +120,10 @@ def _parser() -> _Parser:
 
     validate = sub.add_parser("validate", help="check a spec file and print it normalised",
                               description="Read a spec file with distilkit.from_config and print it normalised "
-                              "(every default written out); on problems print each as '<path>: <message>' and exit "
-                              "with status 2.")
-    validate.add_argument("spec", metavar="SPEC.json")
+                              "(every default written out); on problems print each as '<file>: <path>: <message>' "
+                              "and exit with status 2. Checks the options' ranges too (temperature in [1e-4, 100], "
+                              "beta and alpha in [0, 1], ...), schedules at every step.")
+    validate.add_argument("spec", metavar="SPEC.json", help="the spec file; '-' reads standard input")
 
     sub.add_parser("schema", help="print the JSON Schema of spec files",
                    description="Print the JSON Schema of distilkit spec files (for editors and validators).")
@@ -127,7 +131,7 @@ def _parser() -> _Parser:
     convert = sub.add_parser("convert-textbrewer", help="convert a TextBrewer DistillationConfig JSON to a spec file",
                              description="Convert the JSON of a TextBrewer DistillationConfig (its keyword "
                              "arguments) to a distilkit spec file (distilkit.from_textbrewer).")
-    convert.add_argument("config", metavar="CONFIG.json")
+    convert.add_argument("config", metavar="CONFIG.json", help="the TextBrewer config; '-' reads standard input")
     convert.add_argument("--total-steps", type=_positive_int, default=None, metavar="N",
                          help="optimizer steps of the whole run (needed by weight schedulers)")
     convert.add_argument("-o", "--output", default=None, metavar="OUT",
@@ -159,36 +163,54 @@ def _config_failure(command: str, source: str, error: Exception) -> int:
     return 2
 
 
-def _read_json_file(command: str, name: str) -> tuple[object | None, int]:
-    """Parse the JSON file ``name``; ``(value, 0)``, or ``(None, 2)`` after reporting the problem."""
+def _read_text(command: str, name: str) -> tuple[str | None, str, int]:
+    """``(text, shown name, 0)`` of the file ``name`` (``-``: standard input), or ``(None, name, 2)`` after reporting
+    why it cannot be read."""
+    if name == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        try:
+            data = stream.read() if stream is not None else sys.stdin.read()
+            return (data.decode("utf-8") if isinstance(data, bytes) else data), "<stdin>", 0
+        except (OSError, UnicodeDecodeError) as error:
+            return None, "<stdin>", _fail(command, f"<stdin>: cannot read it ({_one_line(error)})")
     path = Path(name)
     if not path.is_file():
-        return None, _fail(command, f"{name}: no such file" if not path.exists() else f"{name}: not a file")
+        return None, name, _fail(command, f"{name}: no such file" if not path.exists() else f"{name}: not a file")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8"), name, 0
     except (OSError, UnicodeDecodeError) as error:
-        return None, _fail(command, f"{name}: cannot read it ({_one_line(error)})")
+        return None, name, _fail(command, f"{name}: cannot read it ({_one_line(error)})")
+
+
+def _load_and_build(command: str, name: str, api: str, build) -> tuple[object | None, str, int]:
+    """Read ``name``, load it as :func:`distilkit.config._json.load` does and ``build(loaded)``: ``(result, shown
+    name, 0)``, or ``(None, shown name, status)`` after printing one line per problem."""
+    from .config._json import parse
+
+    text, shown, status = _read_text(command, name)
+    if text is None:
+        return None, shown, status
     try:
-        return json.loads(text), 0
-    except json.JSONDecodeError as error:
-        return None, _fail(command, f"{name}: malformed JSON at line {error.lineno}, column {error.colno}: "
-                                    f"{error.msg}")
+        return build(parse(text, api, None)), shown, 0
+    except (ValueError, TypeError) as error:  # ConfigError: one line per problem
+        return None, shown, _config_failure(command, shown, error)
+    except Exception as error:  # not expected: one line all the same, never a traceback
+        print(f"{PROG} {command}: {shown}: internal error, please report it: {type(error).__name__}: "
+              f"{_one_line(error)}", file=sys.stderr)
+        return None, shown, 1
 
 
 def _validate(args: argparse.Namespace) -> int:
     import distilkit as dk
+    from distilkit.config._convert import build
 
-    config, status = _read_json_file("validate", args.spec)
+    spec, shown, status = _load_and_build("validate", args.spec, "from_config", build)
     if status:
         return status
-    if not isinstance(config, dict):
-        return _fail("validate", f"{args.spec}: expected a JSON object (a spec config), got a JSON "
-                                 f"{type(config).__name__}")
     try:
-        spec = dk.from_config(config)
         text = dk.config.to_config(spec).model_dump_json(indent=2)
     except (ValueError, TypeError) as error:
-        return _config_failure("validate", args.spec, error)
+        return _config_failure("validate", shown, error)
     print(text)
     return 0
 
@@ -202,15 +224,16 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     import distilkit as dk
+    from distilkit.config._textbrewer import build
 
-    config, status = _read_json_file("convert-textbrewer", args.config)
+    spec, shown, status = _load_and_build("convert-textbrewer", args.config, "from_textbrewer",
+                                          lambda loaded: build(loaded, args.total_steps))
     if status:
         return status
     try:
-        spec = dk.from_textbrewer(config, total_steps=args.total_steps)
         text = dk.config.to_config(spec).model_dump_json(indent=2)
     except (ValueError, TypeError) as error:
-        return _config_failure("convert-textbrewer", args.config, error)
+        return _config_failure("convert-textbrewer", shown, error)
     if args.output is None:
         print(text)
         return 0

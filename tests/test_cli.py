@@ -122,7 +122,7 @@ def test_validate_fills_in_defaults(capsys, tmp_path):
 @pytest.mark.parametrize(("content", "fragments"), [
     (None, ["missing.json: no such file"]),
     ('{"version": 1, "terms": [', ["malformed JSON at line 1"]),
-    ("[1, 2]", ["expected a JSON object", "got a JSON list"]),
+    ("[1, 2]", ["expected a JSON object", "got a JSON array"]),
     ('{"version": 1, "terms": [{"loss": "nope", "student": "logits"}]}', ["terms.0.loss: unknown loss 'nope'"]),
     ('{"version": 1, "terms": [{"loss": "kd_ce", "student": "logits", "weight": "x"}]}', ["terms.0.weight:"]),
     ('{"version": 1, "terms": [{"loss": "kd_ce", "student": "logits", "colour": 1}]}', ["terms.0.colour:"]),

@@ -64,7 +64,8 @@ def every_loss_spec():
         + dk.jsd.on("logits", beta=sched.cosine(0.1, 0.9, 20, begin=2), temperature=T.cwsm(2.0, 0.5))
         + dk.skew_kl.on("logits", alpha=torch.tensor(0.25), temperature=torch.tensor(1.5))
         + dk.tvd.on("logits", probability_shift="labels")
-        + dk.kd_mse.on("logits", temperature=sched.exponential(3.0, 0.9, 100), mask="attention_mask?")
+        + dk.kd_mse.on("logits", mask="attention_mask?",  # (an exponential temperature needs an end: it decays to 0)
+                       temperature=sched.join([sched.exponential(3.0, 0.9, 100), sched.constant(1.0)], [1000]))
         + 0.3 * dk.hard_ce.on("logits", labels="labels", ignore_index=-1)
         + dk.hidden_mse.on(("hidden", 1), ("hidden", 2), mask="attention_mask", proj=dk.proj.tanh(D, D))
         + dk.cosine.on(("hidden", 0), mask="no_such_mask?")
@@ -273,7 +274,7 @@ ERRORS = [
      [("terms.0.options.temperature", "expected a number, a string, a boolean, null, a schedule")]),
     ("non-finite", spec_with(options={"temperature": float("inf")}), [("terms.0.options.temperature", "finite")]),
     ("bad-selector", spec_with(student=["hidden", "1", 2]), [("terms.0.student", "expected a selector")]),
-    ("bad-option", spec_with(options={"beta": 0.5}), [("terms.0", r"kd_ce has no option 'beta'")]),
+    ("bad-option", spec_with(options={"beta": 0.5}), [("terms.0.options.beta", r"kd_ce has no option 'beta'")]),
     ("teacher-for-labels", {"version": 1, "terms": [{"loss": "hard_ce", "student": "logits", "teacher": "logits"}]},
      [("terms.0", "hard_ce takes no teacher outputs")]),
     ("duplicate-names", {"version": 1, "terms": [{"loss": "kd_ce", "student": "logits"}] * 2},
@@ -292,8 +293,9 @@ ERRORS = [
      [("specs", "term 'hidden_mse/0-0' of task 'b' has a different projection")]),
     ("several", {"version": 1, "terms": [{"loss": "kd_ce", "student": "logits", "weight": [True]},
                                          {"loss": "kd_ce", "student": "logits", "proj": {"kind": "gelu"}}]},
-     [("terms.0.weight.0", "valid number"), ("terms.1.proj.kind", "'linear', 'relu' or 'tanh'"),
-      ("terms.1.proj.in_features", "Field required"), ("terms.1.proj.out_features", "Field required")]),
+     [("terms.0.weight.0", "valid number"),  # (in the order of the file; missing fields first in their object)
+      ("terms.1.proj.in_features", "Field required"), ("terms.1.proj.out_features", "Field required"),
+      ("terms.1.proj.kind", "'linear', 'relu' or 'tanh'")]),
 ]
 
 

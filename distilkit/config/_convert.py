@@ -19,8 +19,9 @@ from ..algebra._term import Spec, Term
 from ..schedules import Schedule
 from ..temperature import AdaptiveTemperature
 from . import _models as M
-from ._errors import config_error, problems
-from ._json import load_json
+from ._errors import config_error, merge, problems
+from ._json import Loaded, load
+from ._options import general_problem, option_problems
 
 # kind → (config model, the dk.schedules / dk.temperature class it describes)
 _NODES: dict[str, tuple[type[M._Node], type]] = {
@@ -144,34 +145,75 @@ def from_config(config) -> Spec | Tasks:
 
     ``from_config(to_config(spec)) == spec``. Losses are looked up in the registry (``dk.register_loss``) only.
     Raises :class:`ConfigError` listing every problem as ``<path>: <message>`` (``terms.2.options.temperature: ...``).
+
+    Every input goes through one loader and the same checks (see :mod:`distilkit.config._options` for the limits):
+    nesting at most 64 deep, no key twice, floats finite and within float32's range, integers within ±2**53, and
+    the options of the built-in losses within their ranges (a temperature in [1e-4, 100], β and α in [0, 1], ...),
+    schedules at every step. What it accepts runs.
     """
-    source = None
-    if isinstance(config, (M.SpecConfig, M.TasksConfig)):
-        model = config
-    else:
-        config, source = load_json(config, "from_config")
-        if not isinstance(config, dict):
-            raise TypeError("from_config: expected a SpecConfig/TasksConfig, a dict, JSON text or the path of a JSON "
-                            f"file, got {type(config).__name__}.")
-        try:
-            model = M.ADAPTER.validate_python(config)
-        except ValidationError as error:
-            raise config_error(problems(error), source) from None
-    model = upgrade(model)
+    return build(load(config, "from_config"))
+
+
+def build(loaded: Loaded) -> Spec | Tasks:
+    """The spec of a loaded config (:func:`distilkit.config._json.load`), or a ``ConfigError`` with every problem."""
+    if loaded.fatal:
+        raise config_error(loaded.problems, loaded.source)
+    config = loaded.value
+    if not isinstance(config, dict):
+        if loaded.text:
+            kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(config), "number")
+            raise config_error([("<root>", f"expected a JSON object (a spec config), got a JSON {kind}")],
+                               loaded.source)
+        raise TypeError("from_config: expected a SpecConfig/TasksConfig, a dict, JSON text or the path of a JSON "
+                        f"file, got {type(config).__name__}.")
     found: list[tuple[str, str]] = []
-    if isinstance(model, M.SpecConfig):
-        spec = _spec(model, "", found)
+    spec = None
+    try:
+        model = M.ADAPTER.validate_python(config)
+    except ValidationError as error:
+        found.extend(problems(error))
+        _check_raw(config, found)  # the terms that are valid on their own: checked as far as they go
     else:
-        built = {name: _spec(s, f"specs.{name}", found) for name, s in model.specs.items()}
-        spec = None
-        if not found:
-            try:
-                spec = tasks(built, key=model.key)
-            except (TypeError, ValueError) as error:
-                found.append(("specs", str(error)))
+        spec = _build(model, found)
+    found = merge(loaded.problems, found, loaded.refused, loaded.order)
     if found:
-        raise config_error(found, source)
+        raise config_error(found, loaded.source)
     return spec
+
+
+def _build(model: M.SpecConfig | M.TasksConfig, found: list[tuple[str, str]]) -> Spec | Tasks | None:
+    upgraded = upgrade(model)
+    if isinstance(model, M.SpecConfig):
+        return _spec(model, upgraded, "", found)  # type: ignore[arg-type]
+    built = {name: _spec(s, upgraded.specs[name], f"specs.{name}", found)  # type: ignore[union-attr]
+             for name, s in model.specs.items()}
+    if found:
+        return None
+    try:
+        return tasks(built, key=model.key)
+    except (TypeError, ValueError) as error:
+        found.append(("specs", str(error)))
+        return None
+
+
+def _check_raw(config: dict, found: list[tuple[str, str]]) -> None:
+    """Check each term of a config that failed validation on its own, so that its problems are reported with the
+    others."""
+    if config.get("kind") == "tasks":
+        specs = config.get("specs")
+        groups = [(f"specs.{name}.terms", s.get("terms")) for name, s in specs.items()
+                  if isinstance(s, dict)] if isinstance(specs, dict) else []
+    else:
+        groups = [("terms", config.get("terms"))]
+    for at, terms in groups:
+        if not isinstance(terms, list):
+            continue
+        for i, raw in enumerate(terms):
+            try:
+                term = M.TermConfig.model_validate(raw)
+            except ValidationError:
+                continue  # reported already
+            _term_problems(term, f"{at}.{i}", found)
 
 
 #: version 1 → 2: the chunked logit losses became ``impl="chunked"`` of the one name per divergence
@@ -204,19 +246,17 @@ def _renamed(term: M.TermConfig) -> M.TermConfig:
                                    "name": name})
 
 
-def _spec(model: M.SpecConfig, prefix: str, found: list[tuple[str, str]]) -> Spec | None:
+def _spec(model: M.SpecConfig, upgraded: M.SpecConfig, prefix: str, found: list[tuple[str, str]]) -> Spec | None:
+    """The spec of ``upgraded`` (``model`` in the current version), its problems reported at ``model``'s paths."""
     at = f"{prefix}.terms" if prefix else "terms"
     terms: list[Term] = []
     first: dict[str, int] = {}
-    for i, config in enumerate(model.terms):
-        try:
-            loss = get_loss(config.loss, "loss")
-        except ValueError as error:
-            found.append((f"{at}.{i}.loss", str(error).removeprefix("loss: ")))
+    for i, (config, current) in enumerate(zip(model.terms, upgraded.terms, strict=True)):
+        if _term_problems(config, f"{at}.{i}", found):
             continue
         try:
-            term = _term(loss, config)
-        except (TypeError, ValueError) as error:
+            term = _term(get_loss(current.loss), current)
+        except (TypeError, ValueError) as error:  # (the upgrade of a version-1 term: not expected)
             found.append((f"{at}.{i}", str(error)))
             continue
         if term.name in first:
@@ -226,6 +266,29 @@ def _spec(model: M.SpecConfig, prefix: str, found: list[tuple[str, str]]) -> Spe
         first[term.name] = i
         terms.append(term)
     return None if found else Spec(tuple(terms))
+
+
+def _term_problems(config: M.TermConfig, at: str, found: list[tuple[str, str]]) -> bool:
+    """Report what is wrong with one (validated) term: an unknown loss, options unknown, missing or out of range,
+    weights that leave the numbers' range, or whatever building it raises. Whether anything was."""
+    before = len(found)
+    try:
+        loss = get_loss(config.loss, "loss")
+    except ValueError as error:
+        found.append((f"{at}.loss", str(error).removeprefix("loss: ")))
+        return True
+    for name, message in option_problems(loss, dict(config.options)):
+        found.append((f"{at}.options.{name}" if name else f"{at}.options", message))
+    for j, factor in enumerate(config.weight):
+        message = general_problem("the weight", factor)
+        if message:
+            found.append((f"{at}.weight.{j}", message))
+    if len(found) == before:
+        try:
+            _term(loss, config)
+        except (TypeError, ValueError) as error:
+            found.append((at, str(error)))
+    return len(found) > before
 
 
 def _term(loss, config: M.TermConfig) -> Term:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -57,9 +57,38 @@ def join(prefix: str, tail: str) -> str:
     return prefix if tail == "<root>" else f"{prefix}.{tail}"
 
 
-def config_error(found: Sequence[tuple[str, str]], source: str | None = None) -> ConfigError:
-    """One ``ConfigError`` listing ``found``; ``source`` names the file it came from."""
+def merge(loaded: Sequence[tuple[str, str]], found: Sequence[tuple[str, str]], refused: Sequence[str] = (),
+          order: Mapping[str, int] | None = None) -> list[tuple[str, str]]:
+    """The loader's problems ``loaded`` and the later ones ``found``, without repeats and without later ones at or
+    inside the paths ``refused`` (values the loader refused and reported: the models then reject their placeholders),
+    in the order of the document (``order``: each path's place in it; a path not in it, such as a missing field,
+    goes with the deepest of its parents that is)."""
+    out = dict.fromkeys(loaded)
+    covered = set(refused)
+    for where, message in found:
+        parts = where.split(".")
+        if not any(".".join(parts[:n]) in covered for n in range(1, len(parts) + 1)):
+            out.setdefault((where, message))
+    return sorted(out, key=lambda problem: _place(problem[0], order or {}))
+
+
+def _place(where: str, order: Mapping[str, int]) -> tuple:
+    parts = where.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in order:
+            return (order[prefix], len(parts) - n)
+    return (-1 if where == "<root>" else len(order), 0)
+
+
+def config_error(found: Sequence[tuple[str, str]], source: str | None = None, api: str = "from_config",
+                 what: str = "spec config", one_line: bool = False) -> ConfigError:
+    """One ``ConfigError`` listing ``found``; ``source`` names the file it came from. ``one_line``: a single
+    problem reads ``<api>: <path>: <message>``."""
     where = f" in {source}" if source else ""
+    if one_line and len(found) == 1:
+        (path_, message), = found
+        return ConfigError(f"{api}: {path_}: {message.rstrip('.')}{where}.", found)
     count = f"{len(found)} problems" if len(found) != 1 else "1 problem"
     lines = "\n".join(f"  {p}: {m}" for p, m in found)
-    return ConfigError(f"from_config: invalid spec config{where} ({count}):\n{lines}", found)
+    return ConfigError(f"{api}: invalid {what}{where} ({count}):\n{lines}", found)

@@ -30,6 +30,7 @@ from pydantic import (
 
 from .. import schedules as S
 from .. import temperature as T
+from ._options import EPS_MIN, FLOAT_MAX, FLSW_GAMMA_MAX, INT_MAX, MAX_DEPTH, T_MAX, T_MIN, loss_schema
 
 VERSION = 2
 #: the versions this distilkit reads; older ones are upgraded when read (``_convert.upgrade``).
@@ -77,6 +78,7 @@ class _Node(_Model):
 # ------------------------------------------------------------------------------------------------ schedules
 _STEPS = "number of steps of the transition (an integer > 0)"
 _BEGIN = "step at which the transition begins (an integer >= 0)"
+_STEP_MAX = {"maximum": 2**24}  # the schedules' own limit (steps are exact in float32 up to there)
 
 
 class ConstantConfig(_Node):
@@ -92,8 +94,8 @@ class LinearConfig(_Node):
     kind: Literal["linear"] = "linear"
     start: Number = Field(description="value up to step `begin`")
     end: Number = Field(description="value from step `begin + steps` on")
-    steps: Int = Field(ge=1, description=_STEPS)
-    begin: Int = Field(0, ge=0, description=_BEGIN)
+    steps: Int = Field(ge=1, description=_STEPS, json_schema_extra=_STEP_MAX)
+    begin: Int = Field(0, ge=0, description=_BEGIN, json_schema_extra=_STEP_MAX)
 
 
 class CosineConfig(_Node):
@@ -102,8 +104,8 @@ class CosineConfig(_Node):
     kind: Literal["cosine"] = "cosine"
     start: Number = Field(description="value up to step `begin`")
     end: Number = Field(description="value from step `begin + steps` on")
-    steps: Int = Field(ge=1, description=_STEPS)
-    begin: Int = Field(0, ge=0, description=_BEGIN)
+    steps: Int = Field(ge=1, description=_STEPS, json_schema_extra=_STEP_MAX)
+    begin: Int = Field(0, ge=0, description=_BEGIN, json_schema_extra=_STEP_MAX)
 
 
 class ExponentialConfig(_Node):
@@ -112,7 +114,7 @@ class ExponentialConfig(_Node):
     kind: Literal["exponential"] = "exponential"
     start: Number = Field(description="value at step 0")
     rate: Number = Field(gt=0, description="factor applied every `steps` steps (> 0)")
-    steps: Int = Field(ge=1, description="steps per factor of `rate` (an integer > 0)")
+    steps: Int = Field(ge=1, description="steps per factor of `rate` (an integer > 0)", json_schema_extra=_STEP_MAX)
 
 
 class PiecewiseConstantConfig(_Node):
@@ -137,14 +139,16 @@ class LinearGrowthConfig(_Node):
     """``dk.schedules.linear_growth(total_steps)``: 0 → 1 over ``total_steps`` steps (TextBrewer)."""
 
     kind: Literal["linear_growth"] = "linear_growth"
-    total_steps: Int = Field(ge=1, description="steps until the value reaches 1 (an integer > 0)")
+    total_steps: Int = Field(ge=1, description="steps until the value reaches 1 (an integer > 0)",
+                             json_schema_extra=_STEP_MAX)
 
 
 class LinearDecayConfig(_Node):
     """``dk.schedules.linear_decay(total_steps)``: 1 → 0 over ``total_steps`` steps (TextBrewer)."""
 
     kind: Literal["linear_decay"] = "linear_decay"
-    total_steps: Int = Field(ge=1, description="steps until the value reaches 0 (an integer > 0)")
+    total_steps: Int = Field(ge=1, description="steps until the value reaches 0 (an integer > 0)",
+                             json_schema_extra=_STEP_MAX)
 
 
 class ProductConfig(_Node):
@@ -164,21 +168,33 @@ ScheduleConfig = Annotated[
 
 
 # ------------------------------------------------------------------------------------------------ temperatures
+# Adaptive temperatures are read with the range of temperatures (checked by from_config, stated by the schema), but
+# built without it: to_config writes any spec that runs for its user (a file it cannot read back says why).
+_BASE = f"base temperature, in [{T_MIN:g}, {T_MAX:g}] (the range of temperatures)"
+_BASE_RANGE = {"minimum": T_MIN, "maximum": T_MAX}
+
+
 class FlswConfig(_Node):
-    """``dk.temperature.flsw(base, beta, gamma, eps)``: per-row temperature from focal-loss-style weights."""
+    """``dk.temperature.flsw(base, beta, gamma, eps)``: per-row temperature from focal-loss-style weights,
+    ``base + (mean(w) − w) · beta`` with ``w = (1 − cos)^gamma`` in ``[0, 2^gamma]``, clamped to [0.01, 100]. Read
+    with ``base`` in the range of temperatures, ``gamma <= 64`` and ``eps >= 1e-18``."""
 
     kind: Literal["flsw"] = "flsw"
-    base: Number = Field(gt=0, description="base temperature (> 0)")
+    base: Number = Field(gt=0, description=_BASE, json_schema_extra=_BASE_RANGE)
     beta: Number = Field(description="spread of the temperatures around `base`")
-    gamma: Number = Field(gt=0, description="focal exponent (> 0)")
-    eps: Number = Field(1e-4, gt=0, description="added to the logit norms (> 0)")
+    gamma: Number = Field(gt=0, description=f"focal exponent (> 0, at most {FLSW_GAMMA_MAX:g})",
+                          json_schema_extra={"maximum": FLSW_GAMMA_MAX})
+    eps: Number = Field(1e-4, gt=0, description=f"added to the logit norms (>= {EPS_MIN:g})",
+                        json_schema_extra={"minimum": EPS_MIN})
 
 
 class CwsmConfig(_Node):
-    """``dk.temperature.cwsm(base, beta)``: per-row temperature from the student's confidence."""
+    """``dk.temperature.cwsm(base, beta)``: per-row temperature from the student's confidence,
+    ``base + (mean(w) − w) · beta`` with ``w = 1 / (max p + 1e-3)``, clamped to [0.01, 100]. Read with ``base`` in
+    the range of temperatures."""
 
     kind: Literal["cwsm"] = "cwsm"
-    base: Number = Field(gt=0, description="base temperature (> 0)")
+    base: Number = Field(gt=0, description=_BASE, json_schema_extra=_BASE_RANGE)
     beta: Number = Field(description="spread of the temperatures around `base`")
 
 
@@ -301,8 +317,13 @@ class TermConfig(_Model):
     probability_shift: Annotated[str, Strict()] | None = Field(
         None, description="labels key: shift the teacher logits with dk.probability_shift first")
     options: dict[str, OptionValue] = Field(
-        default_factory=dict, description="the loss's own options (temperature, beta, ...): numbers, strings, "
-                                          "booleans, null, schedules and, for temperature, adaptive temperatures")
+        default_factory=dict, description=(
+            "the loss's own options (temperature, beta, ...): numbers, strings, booleans, null, schedules and, for "
+            f"temperature, adaptive temperatures. Ranges (schedules at every step): temperature in [{T_MIN:g}, "
+            f"{T_MAX:g}] (beyond 100 the float32 divergences lose their accuracy; below 1e-4 the scaled logits head "
+            "for overflow; real temperatures lie in 0.5-20), beta and alpha in [0, 1], eps >= 1e-18, chunk_size, "
+            "num_heads and vocab_size integers >= 1, ce_weight >= 0; choices as the loss's documentation says. "
+            "Every number in a spec file is finite and within float32's range (integers within ±2**53)"))
     weight: list[Factor] = Field(default_factory=list, description="factors multiplied into the weight: numbers "
                                                                    "and schedules (none: weight 1)")
     name: Annotated[str, Strict()] | None = Field(
@@ -361,8 +382,34 @@ ADAPTER: TypeAdapter[SpecConfig | TasksConfig] = TypeAdapter(Config)
 
 
 def schema() -> dict[str, Any]:
-    """The JSON Schema of a spec file (a spec or tasks config), for editors and validators."""
+    """The JSON Schema of a spec file (a spec or tasks config), for editors and validators.
+
+    Stricter than ``SpecConfig.model_json_schema()``: ``loss`` is one of the losses registered when it is called
+    (distilkit's own and any given to ``dk.register_loss`` before), each loss's ``options`` are the options it takes
+    (``oneOf`` one branch per loss, discriminated by ``loss``), those of the built-in losses with their types, choices
+    and ranges (``minimum``/``maximum``), and ``teacher``, ``mask``, ``labels`` and ``probability_shift`` are null
+    where the loss takes none. Ranges that a schema cannot state (a schedule's values at every step, the largest
+    temperature of flsw/cwsm, the limits on numbers and nesting) are :func:`~distilkit.from_config`'s to check.
+    """
+    from ..algebra._loss import REGISTRY
+
     out = ADAPTER.json_schema()
+    defs = out["$defs"]
+    refs = {"schedule": [{"$ref": f"#/$defs/{m.__name__}"} for m in _SCHEDULES],
+            "adaptive": [{"$ref": "#/$defs/FlswConfig"}, {"$ref": "#/$defs/CwsmConfig"}]}
+    term = defs["TermConfig"]
+    names = sorted(REGISTRY)
+    term["properties"]["loss"]["enum"] = names
+    branches = []
+    for name in names:
+        branch = loss_schema(REGISTRY[name], refs)
+        branch["properties"] = {"loss": {"const": name}, **branch["properties"]}
+        defs[f"Term_{name}"] = {"title": f"{name} term", **branch}
+        branches.append({"if": {"properties": {"loss": {"const": name}}, "required": ["loss"]},
+                         "then": {"$ref": f"#/$defs/Term_{name}"}})
+    term["allOf"] = branches
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "distilkit spec file",
             "description": f"A distilkit loss spec (version {VERSION}): a 'spec' (a sum of terms) or 'tasks' (a spec "
-                           "per task). Read with distilkit.from_config, written with dk.to_config(spec).", **out}
+                           "per task). Read with distilkit.from_config, written with dk.to_config(spec). Every "
+                           f"number is finite and within float32's range (|x| <= {FLOAT_MAX:.4g}; integers within "
+                           f"±2**53 = ±{INT_MAX}), nesting at most {MAX_DEPTH} deep, no key twice.", **out}

@@ -16,7 +16,9 @@ from .. import algebra as A
 from ..algebra import Loss, Spec, Term, proj
 from ..schedules import Schedule, linear_decay, linear_growth
 from ..schedules._temperature import cwsm, flsw
-from ._json import load_json
+from ._errors import config_error, merge
+from ._json import Loaded, Rejected, load
+from ._options import TEMPERATURE, adaptive_problem
 
 API = "from_textbrewer"
 
@@ -114,45 +116,72 @@ def from_textbrewer(config: Mapping[str, Any] | str | os.PathLike, total_steps: 
     it needs labels selected the same way); ``flsw`` / ``cwsm`` temperatures are clamped at 0.01; ``"none"`` read
     from JSON is accepted (TextBrewer's ``from_json_file`` rejects it: it tests ``is not 'none'``).
 
-    Invalid configs fail here with a ``ValueError`` naming the field (e.g. ``intermediate_matches.2.loss``): unknown
-    keys (TextBrewer's ``DistillationConfig`` and its matches accept no other keyword either), a missing match key,
-    an unknown ``kd_loss_type`` / loss / feature / projection / temperature or weight scheduler, ``"flsw"`` or
-    ``"cwsm"`` without their arguments, ``layer_T`` / ``layer_S`` mixing an int and a pair, a pair of layers for a
-    loss that takes one (or one layer for fsp/gram/mmd/nst, which need ``[i, j]``), non-positive temperatures.
+    Invalid configs fail here with a :class:`~distilkit.ConfigError` (a ``ValueError``) listing every problem with
+    its path (e.g. ``intermediate_matches.2.loss``), read by the same loader as spec files (no key twice, nesting at
+    most 64 deep, numbers within float32's range): unknown keys (TextBrewer's ``DistillationConfig`` and its matches
+    accept no other keyword either), a missing match key, an unknown ``kd_loss_type`` / loss / feature / projection /
+    temperature or weight scheduler, ``"flsw"`` or ``"cwsm"`` without their arguments, ``layer_T`` / ``layer_S``
+    mixing an int and a pair, a pair of layers for a loss that takes one (or one layer for fsp/gram/mmd/nst, which
+    need ``[i, j]``), a temperature outside [1e-4, 100], or an adaptive temperature that cannot run.
     """
-    raw = _load(config)
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{API}: expected the config to be a JSON object (dict), got {type(raw).__name__}.")
-    unknown = sorted(str(k) for k in raw if k not in DEFAULTS)
-    if unknown:
-        raise ValueError(f"{API}: {unknown[0]}: unknown key; a TextBrewer DistillationConfig has the keys "
-                         f"{sorted(DEFAULTS)} (got unknown {unknown}).")
-    cfg = {**DEFAULTS, **raw}
-    steps = _total_steps(total_steps)
+    return build(load(config, API), total_steps, config)
 
-    terms: list[Term] = []
-    kd = _kd_term(cfg, steps)
-    if kd is not None:
-        terms.append(kd)
-    terms.extend(_match_terms(cfg["intermediate_matches"]))
-    _boolean("is_caching_logits", cfg["is_caching_logits"])  # validated, then ignored
-    hard = _weighted(
-        A.precomputed.on("losses").named("hard_label"), cfg, "hard_label_weight", "hard_label_weight_scheduler", steps
-    )
-    if hard is not None:
-        terms.append(hard)
-    return Spec(tuple(terms))
+
+def build(loaded: Loaded, total_steps: int | None = None, given: Any = None) -> Spec:
+    """The spec of a loaded TextBrewer config (:func:`distilkit.config._json.load`; ``given``: what was passed, for
+    the error when it was no mapping), or a ``ConfigError`` with every problem."""
+    steps = _total_steps(total_steps)
+    _check_loaded(loaded, given)
+    raw = loaded.value
+    found: list[tuple[str, str]] = []
+    for key in raw:
+        if key not in DEFAULTS:
+            found.append((str(key), f"unknown key; a TextBrewer DistillationConfig has the keys {sorted(DEFAULTS)}"))
+    cfg = {**DEFAULTS, **{k: v for k, v in raw.items() if k in DEFAULTS}}
+
+    terms: list[Term | None] = [_kd_term(cfg, steps, found)]
+    terms.extend(_match_terms(cfg["intermediate_matches"], found))
+    _check(found, _boolean, "is_caching_logits", cfg["is_caching_logits"])  # validated, then ignored
+    terms.append(_weighted(A.precomputed.on("losses").named("hard_label"), cfg, "hard_label_weight",
+                           "hard_label_weight_scheduler", steps, found))
+    found = merge(loaded.problems, found, loaded.refused, loaded.order)
+    if found:
+        raise config_error(found, loaded.source, api=API, what="TextBrewer config", one_line=True)
+    return Spec(tuple(t for t in terms if t is not None))
 
 
 # ------------------------------------------------------------------------------------------------------- input
-def _load(config) -> Any:
-    parsed_from_text = isinstance(config, (str, os.PathLike))
-    config, _ = load_json(config, API)
-    if isinstance(config, Mapping):
-        return config
-    if parsed_from_text:
-        raise ValueError(f"{API}: expected a JSON object (a DistillationConfig), got a JSON {type(config).__name__}.")
+class _Problem(Exception):
+    """One problem at ``path`` (collected by :func:`_check`, never raised out of this module)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path, self.message = path, message
+
+
+_FAILED = object()
+
+
+def _check(found: list[tuple[str, str]], fn, *args) -> Any:
+    """``fn(*args)``, or ``_FAILED`` after adding its problem to ``found``."""
+    try:
+        return fn(*args)
+    except _Problem as problem:
+        found.append((problem.path, problem.message))
+        return _FAILED
+
+
+def _check_loaded(loaded: Loaded, config: Any) -> None:
+    if loaded.fatal:
+        raise config_error(loaded.problems, loaded.source, api=API, what="TextBrewer config", one_line=True)
+    if isinstance(loaded.value, Mapping):
+        return
+    if loaded.text:
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(loaded.value), "number")
+        raise config_error([("<root>", f"expected a JSON object (a DistillationConfig), got a JSON {kind}")],
+                           loaded.source, api=API, what="TextBrewer config", one_line=True)
     hint = ""
+    config = loaded.value if config is None else config
     if type(config).__name__ == "DistillationConfig":
         hint = " (a DistillationConfig object holds its schedulers as functions: pass the dict it was built from)"
     raise TypeError(f"{API}: expected a dict, JSON text or the path of a JSON file, got "
@@ -170,41 +199,57 @@ def _total_steps(total_steps) -> int | None:
 
 
 def _number(where: str, value, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{API}: {where}: expected a finite number, got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float, Rejected)) or (
+            not isinstance(value, Rejected) and not math.isfinite(value)):
+        raise _Problem(where, f"expected a finite number, got {value!r}")
+    if isinstance(value, Rejected):
+        raise _Problem(where, value.message)  # (reported by the loader; merged away)
     if positive and value <= 0:
-        raise ValueError(f"{API}: {where}: expected a number > 0, got {value!r}.")
+        raise _Problem(where, f"expected a number > 0, got {value!r}")
     return float(value)
+
+
+def _temperature_value(value) -> float:
+    base = _number("temperature", value)
+    message = TEMPERATURE.problem("temperature", base)
+    if message:
+        raise _Problem("temperature", message)
+    return base
 
 
 def _boolean(where: str, value) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{API}: {where}: expected true or false, got {value!r}.")
+        raise _Problem(where, f"expected true or false, got {value!r}")
     return value
 
 
 def _choice(where: str, value, choices) -> Any:
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{API}: {where}: expected one of {sorted(choices)}, got {value!r}.")
+        raise _Problem(where, f"expected one of {sorted(choices)}, got {value!r}")
     return value
 
 
 # ---------------------------------------------------------------------------------------------------------- kd
-def _temperature(cfg: Mapping[str, Any]):
-    base = _number("temperature", cfg["temperature"], positive=True)
+def _temperature(cfg: Mapping[str, Any], found: list[tuple[str, str]]):
+    base = _check(found, _temperature_value, cfg["temperature"])
     sched = cfg["temperature_scheduler"]
-    where = "temperature_scheduler"
     if sched in ("none", "constant"):
         return base
+    value = _check(found, _adaptive, sched, base)
+    return _FAILED if base is _FAILED else value
+
+
+def _adaptive(sched, base):
+    where = "temperature_scheduler"
     if isinstance(sched, str):
         if sched in TEMPERATURE_ARGS:
             example = '["flsw", beta, gamma]' if sched == "flsw" else '["cwsm", beta]'
-            raise ValueError(f"{API}: {where}: {sched!r} needs its arguments, e.g. {example} or "
-                             f'["{sched}", {{"beta": ...}}].')
+            raise _Problem(where, f"{sched!r} needs its arguments, e.g. {example} or "
+                                  f'["{sched}", {{"beta": ...}}]')
         _choice(where, sched, ("none", "constant", *TEMPERATURE_ARGS))
     if not isinstance(sched, (list, tuple)) or not sched:
-        raise ValueError(f"{API}: {where}: expected 'none', 'constant', [\"flsw\", beta, gamma] or [\"cwsm\", beta], "
-                         f"got {sched!r}.")
+        raise _Problem(where, "expected 'none', 'constant', [\"flsw\", beta, gamma] or [\"cwsm\", beta], "
+                              f"got {sched!r}")
     name = _choice(f"{where}.0", sched[0], TEMPERATURE_ARGS)
     names, required = TEMPERATURE_ARGS[name], TEMPERATURE_REQUIRED[name]
     args = list(sched[1:])
@@ -212,63 +257,81 @@ def _temperature(cfg: Mapping[str, Any]):
         kwargs = dict(args[0])
         unknown = sorted(str(k) for k in kwargs if k not in names)
         if unknown:
-            raise ValueError(f"{API}: {where}.1.{unknown[0]}: unknown argument of {name!r}; expected {list(names)}.")
+            raise _Problem(f"{where}.1.{unknown[0]}", f"unknown argument of {name!r}; expected {list(names)}")
         missing = [n for n in names[:required] if n not in kwargs]
         if missing:
-            raise ValueError(f"{API}: {where}.1: {name!r} needs the argument(s) {missing}.")
+            raise _Problem(f"{where}.1", f"{name!r} needs the argument(s) {missing}")
         values = {k: _number(f"{where}.1.{k}", v) for k, v in kwargs.items()}
     else:
         if not required <= len(args) <= len(names):
-            raise ValueError(f"{API}: {where}: {name!r} takes {required} to {len(names)} arguments "
-                             f"{list(names)}, got {len(args)}: {sched!r}.")
+            raise _Problem(where, f"{name!r} takes {required} to {len(names)} arguments {list(names)}, got "
+                                  f"{len(args)}: {sched!r}")
         values = {n: _number(f"{where}.{i + 1}", v) for i, (n, v) in enumerate(zip(names, args, strict=False))}
+    if base is _FAILED:
+        return _FAILED
+    message = adaptive_problem(name, base, values["beta"], values.get("gamma"), values.get("eps"))
+    if message:
+        raise _Problem(where, message)
     try:
         return flsw(base, **values) if name == "flsw" else cwsm(base, **values)
     except (ValueError, TypeError) as error:
-        raise ValueError(f"{API}: {where}: {error}") from error
+        raise _Problem(where, str(error)) from None
 
 
-def _kd_term(cfg: Mapping[str, Any], steps: int | None) -> Term | None:
-    loss, options = KD_LOSSES[_choice("kd_loss_type", cfg["kd_loss_type"], KD_LOSSES)]
-    shift = "labels" if _boolean("probability_shift", cfg["probability_shift"]) else None
-    term = loss.on("logits", mask="logits_mask?", probability_shift=shift, temperature=_temperature(cfg),
-                   **options).named("kd")
-    return _weighted(term, cfg, "kd_loss_weight", "kd_loss_weight_scheduler", steps)
+def _kd_term(cfg: Mapping[str, Any], steps: int | None, found: list[tuple[str, str]]) -> Term | None:
+    kind = _check(found, _choice, "kd_loss_type", cfg["kd_loss_type"], KD_LOSSES)
+    shift = _check(found, _boolean, "probability_shift", cfg["probability_shift"])
+    temperature = _temperature(cfg, found)
+    if _FAILED in (kind, shift, temperature):
+        _weighted(None, cfg, "kd_loss_weight", "kd_loss_weight_scheduler", steps, found)  # its problems too
+        return None
+    loss, options = KD_LOSSES[kind]
+    term = loss.on("logits", mask="logits_mask?", probability_shift="labels" if shift else None,
+                   temperature=temperature, **options).named("kd")
+    return _weighted(term, cfg, "kd_loss_weight", "kd_loss_weight_scheduler", steps, found)
 
 
-def _weighted(term: Term, cfg: Mapping[str, Any], weight_key: str, sched_key: str, steps: int | None) -> Term | None:
-    """``term`` × its weight or weight schedule; ``None`` for a constant weight of 0."""
-    weight = _number(weight_key, cfg[weight_key])
-    sched = cfg[sched_key]
-    if sched == "none":
+def _weighted(term: Term | None, cfg: Mapping[str, Any], weight_key: str, sched_key: str, steps: int | None,
+              found: list[tuple[str, str]]) -> Term | None:
+    """``term`` × its weight or weight schedule; ``None`` for a constant weight of 0 (or after a problem)."""
+    weight = _check(found, _number, weight_key, cfg[weight_key])
+    schedule = _check(found, _weight_schedule, sched_key, cfg[sched_key], steps)
+    if term is None or _FAILED in (weight, schedule):
+        return None
+    if schedule is None:
         if weight == 0:
             return None
         return term if weight == 1 else weight * term
-    name = _choice(sched_key, sched, ("none", *WEIGHT_SCHEDULERS))
-    if steps is None:
-        raise ValueError(f"{API}: {sched_key}: {name!r} needs total_steps (the number of optimizer steps of the "
-                         f"training run): weight = {name}(step / total_steps). Pass from_textbrewer(config, "
-                         "total_steps=...).")
-    schedule: Schedule = WEIGHT_SCHEDULERS[name](steps)
     return schedule * term
 
 
+def _weight_schedule(sched_key: str, sched, steps: int | None) -> Schedule | None:
+    if sched == "none":
+        return None
+    name = _choice(sched_key, sched, ("none", *WEIGHT_SCHEDULERS))
+    if steps is None:
+        raise _Problem(sched_key, f"{name!r} needs total_steps (the number of optimizer steps of the training run): "
+                                  f"weight = {name}(step / total_steps). Pass from_textbrewer(config, "
+                                  "total_steps=...)")
+    return WEIGHT_SCHEDULERS[name](steps)
+
+
 # ----------------------------------------------------------------------------------------------------- matches
-def _layers(where: str, value, pair: bool, loss: str):
+def _layers(where: str, value, pair: bool | None, loss: str | None):
+    """A layer index or pair; ``pair`` None: the loss is unknown, either is accepted."""
     if isinstance(value, int) and not isinstance(value, bool):
         if pair:
-            raise ValueError(f"{API}: {where}: {loss!r} compares two layers per model; expected a pair of layer "
-                             f"indices [i, j] (e.g. [{value}, {value}]), got {value!r}.")
+            raise _Problem(where, f"{loss!r} compares two layers per model; expected a pair of layer indices [i, j] "
+                                  f"(e.g. [{value}, {value}]), got {value!r}")
         return value
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-            raise ValueError(f"{API}: {where}: expected a layer index or a pair of layer indices [i, j], "
-                             f"got {value!r}.")
-        if not pair:
-            raise ValueError(f"{API}: {where}: {loss!r} takes one layer per model; expected a layer index, got "
-                             f"{value!r} (pairs of layers are for fsp, gram, mmd and nst).")
+            raise _Problem(where, f"expected a layer index or a pair of layer indices [i, j], got {value!r}")
+        if pair is False:
+            raise _Problem(where, f"{loss!r} takes one layer per model; expected a layer index, got {value!r} (pairs "
+                                  "of layers are for fsp, gram, mmd and nst)")
         return tuple(value)
-    raise ValueError(f"{API}: {where}: expected a layer index (int) or a pair of them, got {value!r}.")
+    raise _Problem(where, f"expected a layer index (int) or a pair of them, got {value!r}")
 
 
 def _layer_kind(value) -> str | None:
@@ -281,59 +344,73 @@ def _projection(where: str, value):
     if value is None or (isinstance(value, (list, tuple)) and not value):  # TextBrewer: `if proj:`
         return None
     if not isinstance(value, (list, tuple)) or len(value) not in (3, 4):
-        raise ValueError(f"{API}: {where}: expected [kind, d_student, d_teacher] or [kind, d_student, d_teacher, "
-                         f"{{optimizer options}}], got {value!r}.")
+        raise _Problem(where, f"expected [kind, d_student, d_teacher] or [kind, d_student, d_teacher, "
+                              f"{{optimizer options}}], got {value!r}")
     kind = _choice(f"{where}.0", value[0], PROJECTIONS)
     for i in (1, 2):
         if isinstance(value[i], bool) or not isinstance(value[i], int) or value[i] <= 0:
-            raise ValueError(f"{API}: {where}.{i}: expected a positive int (feature width), got {value[i]!r}.")
+            raise _Problem(f"{where}.{i}", f"expected a positive int (feature width), got {value[i]!r}")
     if len(value) == 4 and not isinstance(value[3], Mapping):
-        raise ValueError(f"{API}: {where}.3: expected a dict of optimizer options, got {value[3]!r}.")
+        raise _Problem(f"{where}.3", f"expected a dict of optimizer options, got {value[3]!r}")
     return PROJECTIONS[kind](value[1], value[2])
 
 
-def _match_terms(matches) -> list[Term]:
+def _match_terms(matches, found: list[tuple[str, str]]) -> list[Term | None]:
     if matches is None:
         return []
     if not isinstance(matches, (list, tuple)):
-        raise ValueError(f"{API}: intermediate_matches: expected a list of matches, got {type(matches).__name__}.")
-    terms, names = [], set()
+        found.append(("intermediate_matches", f"expected a list of matches, got {type(matches).__name__}"))
+        return []
+    terms: list[Term | None] = []
+    names: set[str] = set()
     for i, match in enumerate(matches):
-        where = f"intermediate_matches.{i}"
-        if not isinstance(match, Mapping):
-            raise ValueError(f"{API}: {where}: expected a dict, got {match!r}.")
-        unknown = sorted(str(k) for k in match if k not in (*MATCH_KEYS, "proj"))
-        if unknown:
-            raise ValueError(f"{API}: {where}.{unknown[0]}: unknown key; a match has the keys "
-                             f"{[*MATCH_KEYS, 'proj']}.")
-        missing = [k for k in MATCH_KEYS if k not in match]
-        if missing:
-            raise ValueError(f"{API}: {where}.{missing[0]}: missing (a match needs {list(MATCH_KEYS)}).")
-        loss_name = _choice(f"{where}.loss", match["loss"], MATCH_LOSSES)
-        loss, options, pair, masked = MATCH_LOSSES[loss_name]
-        feature = _choice(f"{where}.feature", match["feature"], FEATURES)
-        kinds = {_layer_kind(match[k]) for k in ("layer_S", "layer_T")}
-        if kinds == {"index", "pair"}:
-            raise ValueError(f"{API}: {where}.layer_S: expected layer_S and layer_T to be both layer indices or both "
-                             f"pairs of them, got layer_S={match['layer_S']!r}, layer_T={match['layer_T']!r}.")
-        s = _layers(f"{where}.layer_S", match["layer_S"], pair, loss_name)
-        t = _layers(f"{where}.layer_T", match["layer_T"], pair, loss_name)
-        weight = _number(f"{where}.weight", match["weight"])
-        projection = _projection(f"{where}.proj", match.get("proj"))
-
-        if pair:
-            s_sel, t_sel = [(feature, j) for j in s], [(feature, j) for j in t]
-            s_name, t_name = "-".join(map(str, s)), "-".join(map(str, t))
-        else:
-            s_sel, t_sel, s_name, t_name = (feature, s), (feature, t), str(s), str(t)
-        name = f"{feature}_{loss_name}_{s_name}_{t_name}"
-        if name in names:  # a repeated match (TextBrewer logs only the last one under this name)
-            name = f"{name}_{i}"
-        names.add(name)
-        try:
-            term = loss.on(s_sel, t_sel, mask="inputs_mask?" if masked else None, proj=projection, **options)
-        except (ValueError, TypeError) as error:  # not expected: everything was checked above
-            raise ValueError(f"{API}: {where}: {error}") from error
-        term = term.named(name)
-        terms.append(term if weight == 1 else weight * term)
+        terms.append(_match_term(f"intermediate_matches.{i}", i, match, names, found))
     return terms
+
+
+def _match_term(where: str, i: int, match, names: set[str], found: list[tuple[str, str]]) -> Term | None:
+    if not isinstance(match, Mapping):
+        found.append((where, f"expected a dict, got {match!r}"))
+        return None
+    before = len(found)
+    for key in match:
+        if key not in (*MATCH_KEYS, "proj"):
+            found.append((f"{where}.{key}", f"unknown key; a match has the keys {[*MATCH_KEYS, 'proj']}"))
+    for key in MATCH_KEYS:
+        if key not in match:
+            found.append((f"{where}.{key}", f"missing (a match needs {list(MATCH_KEYS)})"))
+    loss_name = _check(found, _choice, f"{where}.loss", match["loss"], MATCH_LOSSES) if "loss" in match else _FAILED
+    known = loss_name is not _FAILED
+    loss, options, pair, masked = MATCH_LOSSES[loss_name] if known else (None, {}, None, False)
+    feature = _check(found, _choice, f"{where}.feature", match["feature"], FEATURES) if "feature" in match else None
+    layers = {}
+    if "layer_S" in match and "layer_T" in match and {_layer_kind(match[k]) for k in ("layer_S", "layer_T")} == {
+            "index", "pair"}:
+        found.append((f"{where}.layer_S", f"expected layer_S and layer_T to be both layer indices or both pairs of "
+                                          f"them, got layer_S={match['layer_S']!r}, layer_T={match['layer_T']!r}"))
+    else:
+        for key in ("layer_S", "layer_T"):
+            if key in match:
+                layers[key] = _check(found, _layers, f"{where}.{key}", match[key], pair, loss_name if known else None)
+    weight = _check(found, _number, f"{where}.weight", match["weight"]) if "weight" in match else None
+    projection = _check(found, _projection, f"{where}.proj", match.get("proj"))
+    if len(found) > before:
+        return None
+
+    s, t = layers["layer_S"], layers["layer_T"]
+    if pair:
+        s_sel, t_sel = [(feature, j) for j in s], [(feature, j) for j in t]
+        s_name, t_name = "-".join(map(str, s)), "-".join(map(str, t))
+    else:
+        s_sel, t_sel, s_name, t_name = (feature, s), (feature, t), str(s), str(t)
+    name = f"{feature}_{loss_name}_{s_name}_{t_name}"
+    if name in names:  # a repeated match (TextBrewer logs only the last one under this name)
+        name = f"{name}_{i}"
+    names.add(name)
+    try:
+        term = loss.on(s_sel, t_sel, mask="inputs_mask?" if masked else None, proj=projection, **options)
+    except (ValueError, TypeError) as error:  # not expected: everything was checked above
+        found.append((where, str(error)))
+        return None
+    term = term.named(name)
+    return term if weight == 1 else weight * term
