@@ -31,7 +31,8 @@ _NAMES = {
                 "chunked_jsd", "chunked_kd_ce", "chunked_kd_kl", "chunked_reverse_kl", "chunked_skew_kl", "chunked_tvd",
                 "cosine", "ensemble", "fsp", "fused_linear_kd", "hard_ce", "hidden_mse", "init_params", "jsd",
                 "kd_ce", "kd_kl", "kd_mse", "layers", "loss_fn", "mmd", "nst", "pkd", "precomputed", "prob_mse",
-                "proj", "pseudo_label_ce", "register_loss", "relation_kl", "reverse_kl", "skew_kl", "sparse_jsd",
+                "proj", "pseudo_label_ce", "register_loss", "relation_kl", "reverse_kl", "sampled_kl", "skew_kl",
+                "sparse_jsd",
                 "sparse_kd_ce", "sparse_kd_kl", "sparse_reverse_kl", "sparse_skew_kl", "sparse_tvd", "task_sampler",
                 "tasks", "tvd"),
     "config": ("ConfigError", "SpecConfig", "TasksConfig", "from_config", "from_textbrewer", "to_config"),
@@ -93,6 +94,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, the API docs) see; 
     from .algebra import register_loss as register_loss
     from .algebra import relation_kl as relation_kl
     from .algebra import reverse_kl as reverse_kl
+    from .algebra import sampled_kl as sampled_kl
     from .algebra import skew_kl as skew_kl
     from .algebra import sparse_jsd as sparse_jsd
     from .algebra import sparse_kd_ce as sparse_kd_ce

@@ -43,6 +43,7 @@ __all__ = [
     "pseudo_label_ce",
     "relation_kl",
     "reverse_kl",
+    "sampled_kl",
     "skew_kl",
     "tvd",
 ]
@@ -272,6 +273,28 @@ def pseudo_label_ce(s, t, *, mask=None):
         values = t_rows[r].tolist()
         label = values.index(max(values))
         total = total - (s_rows[r][label] - torch.logsumexp(s_rows[r], 0))
+        n += 1
+    return total, float(n)
+
+
+def sampled_kl(s, t, *, estimator="k2", mask=None):
+    """Σ over kept sampled tokens of Schulman's estimator of KL(q‖p) with log r = log p − log q:
+    k1 = −log r, k2 = (log r)² / 2, k3 = r − 1 − log r; count = #kept tokens."""
+    s = _student(s)
+    t = _teacher(t)
+    keep = _keep(mask, s.shape).reshape(-1)
+    s_flat, t_flat = s.reshape(-1), t.reshape(-1)
+    total = _zero(s)
+    n = 0
+    for r in _kept(keep):
+        log_r = t_flat[r] - s_flat[r]
+        if estimator == "k1":
+            term = -log_r
+        elif estimator == "k2":
+            term = log_r * log_r / 2
+        else:
+            term = torch.exp(log_r) - 1 - log_r
+        total = total + term
         n += 1
     return total, float(n)
 
@@ -597,6 +620,7 @@ REFERENCES: dict[str, Callable[..., tuple[torch.Tensor, float]]] = {
     "kd_mse": kd_mse,
     "prob_mse": prob_mse,
     "pseudo_label_ce": pseudo_label_ce,
+    "sampled_kl": sampled_kl,
     "hard_ce": hard_ce,
     "hidden_mse": hidden_mse,
     "cosine": cosine,

@@ -27,7 +27,7 @@ EXPORTED = [
     "chunked_tvd", "config", "cosine", "distributed", "ensemble", "from_config", "from_textbrewer", "fsp",
     "fused_linear_kd", "hard_ce", "hidden_mse", "init_params", "jsd", "kd_ce", "kd_kl", "kd_mse", "layers",
     "loss_fn", "losses", "make_step", "mmd", "nst", "pkd", "precomputed", "prob_mse", "probability_shift", "proj",
-    "pseudo_label_ce", "register_loss", "relation_kl", "reverse_kl", "schedules", "skew_kl", "sparse_jsd",
+    "pseudo_label_ce", "register_loss", "relation_kl", "reverse_kl", "sampled_kl", "schedules", "skew_kl", "sparse_jsd",
     "sparse_kd_ce", "sparse_kd_kl", "sparse_reverse_kl", "sparse_skew_kl", "sparse_tvd", "step", "task_sampler",
     "tasks", "temperature", "tensorboard", "to_config", "tvd",
 ]

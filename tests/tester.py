@@ -195,6 +195,11 @@ def hidden_pairs(d0: int, d1: int, d0_t: int | None = None, d1_t: int | None = N
     )
 
 
+def logprobs_pair(*shape: int) -> Callable:
+    """Per-token log-probabilities of sampled tokens (≤ 0), student and teacher."""
+    return lambda g: (-_randn(g, *shape).exp(), -_randn(g, *shape).exp())
+
+
 def logits_and_labels(g: torch.Generator):
     return _randn(g, B, L, V, scale=2.0), torch.randint(0, V, (B, L), generator=g)
 
@@ -220,6 +225,9 @@ CASES: list[Case] = [
     Case("prob_mse-2d", "prob_mse", logits_pair(B, V), (B,), ROW, logits=True),
     Case("pseudo_label_ce", "pseudo_label_ce", logits_pair(B, L, V), logits=True),
     Case("hard_ce", "hard_ce", logits_and_labels, logits=True, labels=True),
+    Case("sampled_kl-k1", "sampled_kl", logprobs_pair(B, L), options={"estimator": "k1"}),
+    Case("sampled_kl-k2", "sampled_kl", logprobs_pair(B, L)),
+    Case("sampled_kl-k3", "sampled_kl", logprobs_pair(B, L), options={"estimator": "k3"}),
     Case("hidden_mse", "hidden_mse", features_pair((B, L, D))),
     Case("cosine", "cosine", features_pair((B, L, D))),
     Case("pkd", "pkd", features_pair((B, L, D)), compactable=False),

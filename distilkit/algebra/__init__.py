@@ -33,6 +33,7 @@ from ._loss import pseudo_label_ce as pseudo_label_ce
 from ._loss import register_loss as register_loss
 from ._loss import relation_kl as relation_kl
 from ._loss import reverse_kl as reverse_kl
+from ._loss import sampled_kl as sampled_kl
 from ._loss import skew_kl as skew_kl
 from ._loss import sparse_jsd as sparse_jsd
 from ._loss import sparse_kd_ce as sparse_kd_ce

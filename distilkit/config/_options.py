@@ -265,6 +265,7 @@ OPTIONS: dict[str, Option] = {
     "divergence": Choice(tuple(KINDS)),
     "loss": Choice((*FUSED_LOSSES, None)),
     "ce_weight": Range(0.0, FLOAT_MAX, label=">= 0"),
+    "estimator": Choice(("k1", "k2", "k3")),
     "vocab_size": Integer(1, nullable=True),
     "recompute": Boolean(),
     "labels": NotInFile("give the labels key as the term's 'labels'"),

@@ -45,6 +45,7 @@ from ._logits import probability_shift as probability_shift
 from ._logits import pseudo_label_ce as pseudo_label_ce
 from ._precomputed import precomputed as precomputed
 from ._reduce import Reduction as Reduction
+from ._sampled import sampled_kl as sampled_kl
 from ._sparse import TopK as TopK
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "pseudo_label_ce",
     "relation_kl",
     "reverse_kl",
+    "sampled_kl",
     "skew_kl",
     "sparse_jsd",
     "sparse_kd_ce",
