@@ -1,19 +1,81 @@
-"""Teacher caching: run the teacher once over a loader, store its outputs on disk, read them back batch by batch.
+"""Teacher caching: run the teacher once, store its outputs on disk, read them back.
 
-```python
-info  = dk.cache.write(teacher_fn, loader, "cache/", logits=("topk", 64), features={"hidden": [4, 8]})
-cache = dk.cache.read("cache/")                      # a Sequence: cache[i] is batch i's teacher output mapping
-for i, (batch, teacher_out) in enumerate(zip(loader, cache)):  # the same batches in the same order as at write
-    out = step(student(batch), teacher_out, batch, step=i)
-```
+Two formats. **Keyed top-k caches** (:func:`write_topk`, :func:`read_topk`), for LLM distillation: the top-k of
+the teacher per *example id* and position, padding not stored, read back for any batch of ids in any order, batch
+size and padding::
+
+    def teacher_fn(batch):                           # batch: {"ids", "input_ids", "attention_mask"}
+        return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    info  = dk.cache.write_topk("cache/", loader, k=64, teacher_fn=teacher_fn)  # stores no padding
+    cache = dk.cache.read_topk("cache/")
+    for batch in student_loader:                     # reshuffled, re-batched, re-padded: looked up by id
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t = cache.teacher(batch["ids"], logits.shape[1])  # positions 0..L-2, each predicting the next token
+        loss = dk.kd_kl(logits, t.topk, mask=batch["attention_mask"][:, 1:].bool() & t.mask)
+
+**Batch-position caches** (:func:`write`, :func:`read`): any teacher outputs (dense or top-k logits, features),
+stored batch by batch and read back in the loader's order::
+
+    info  = dk.cache.write(teacher_fn, loader, "cache/", logits=("topk", 64), features={"hidden": [4, 8]})
+    cache = dk.cache.read("cache/")                  # a Sequence: cache[i] is batch i's teacher output mapping
+    for i, (batch, teacher_out) in enumerate(zip(loader, cache)):  # the same batches in the same order as at write
+        out = step(student(batch), teacher_out, batch, step=i)
+
+:func:`info` describes either (``distilkit cache info DIR`` prints :func:`format_info` of it); :func:`upgrade`
+converts a batch-position cache into a keyed one, given each batch's example ids.
+
+Keyed top-k caches
+------------------
+
+*Rows.* Each kept position of an example is one row: the top-k classes of ``z / T_c`` (``indices``), their
+log-probabilities ``log_softmax(z / T_c)[indices]`` and the log of the leftover mass ``tail = log(1 − Σ_K p)``
+(as the ``("topk", k)`` format below). Only the positions of the ``keep`` mask are stored (the attention mask:
+no padding; or e.g. only a completion's positions), each with its position in the example. Rows are stored as the
+teacher emits them: the row at position i is the teacher's distribution after tokens 0..i, over token i + 1
+(Hugging Face causal-LM logits, unshifted). :meth:`TopKCache.teacher` returns, for the student's position p, the
+row at p + ``shift`` (default 0: a causal student on the same tokens predicts the same token at p), as a
+``dk.TopK`` ``[B, L, k]`` plus a ``mask`` ``[B, L]`` of the positions held; the student's ``logits[:, :-1]`` take
+``length = L - 1``; left padding passes ``positions`` (``attention_mask.cumsum(-1) - 1``, negative for padding).
+
+*Layout.* ``index.json`` (``format`` ``"distilkit.cache.keyed-topk"``, ``version``, k, vocab, T_c, encodings,
+counts, the kept-mass statistics, per shard its rows and files, the example table's files and SHA-256s, a digest of
+the whole) and flat 1-D ``.npy`` files: per shard ``shard-<n>-<generation>-<array>.npy`` for ``positions``
+(int32 [N]), ``indices`` (uint16 when V <= 65536, else int32, [N·k]), ``logprobs`` (float32, float16 or uint8,
+[N·k]; for int8 also ``lp-max`` and ``lp-step``, float32 [N]) and ``tail`` (float32 [N]), the rows of consecutive
+examples; and the example table ``table-<generation>-keys.npy`` (the ids sorted: int64, or UTF-8 bytes ``S<n>``) and
+``table-<generation>-rows.npy`` (int64 [E·3]: shard, first row, rows). An id is found by binary search in the
+memory-mapped table and its rows sliced from the memory-mapped shard: random access reads only what it returns.
+
+*Bytes per stored position*: ``4 + k · (index bytes + log-prob bytes) + 4`` (+ 8 for int8); at V = 32000 and
+k = 64: float32 392, float16 264, int8 208 (the batch-position top-k format stores 388 in float16, padding included).
+Per example, 8 (or the longest id's UTF-8 length) + 24 bytes of table.
+
+*Coverage.* The writer records, over the stored positions, the kept mass Σ_K p = 1 − exp(tail) at T_c: its mean,
+min, p5, p25, p50, p75, p95 and max (percentiles by nearest rank, to within 1e-4), in the index and in
+:func:`info`. It decides between the losses' policies: ``"renormalize"`` scales the kept mass up to 1 (exact at any
+temperature), ``"tail"`` keeps the rest as one bucket (exact at T_c only).
+
+*Compression* (``dtype``) of the log-probabilities: ``"float32"`` exact; ``"float16"`` relative error <= 2⁻¹¹;
+``"int8"``: per row the maximum m and a step s = (m − min) / 254, each entry one byte, error <= s / 2, the most
+likely class exact. The indices and tail are exact in every encoding.
+
+*Versions.* The keyed format has its own ``format`` and ``version`` (1). :func:`read_topk` of a batch-position
+cache says to convert it with :func:`upgrade` (or to rewrite it); of an unknown version, that a newer distilkit wrote
+it or how to rewrite it. :func:`read` of a keyed cache says to use :func:`read_topk`. Both formats share the safety
+rules below (one writer, atomic overwrite, readers that notice an overwrite, a validated index; the keyed example
+table is checked against its SHA-256s, sorted, unique and tiling every shard exactly).
+
+Batch-position caches
+---------------------
 
 Layout: a directory with ``index.json`` (format, dtypes, each batch's shard and array shapes) and one flat 1-D
 ``.npy`` file per array per shard, ``shard-<n>-<generation>-<array>.npy``, holding the elements of consecutive
 batches up to ``shard_bytes``; read back memory-mapped (a few shards open at a time; never pickled). Offsets are the
 running sums of the batches' sizes, so batches of any shapes (dynamic padding) share shards. Every array keeps its
 batch structure (``[B, L, ...]``): ``cache[i]`` has the shapes of the teacher's outputs for batch i, padding
-included. The names ``index.json``, ``index.json.tmp``, ``index.json.lock`` and ``shard-*.npy`` belong to the cache;
-other files in the directory are left alone.
+included. The names ``index.json``, ``index.json.tmp``, ``index.json.lock``, ``shard-*.npy`` and ``table-*.npy``
+belong to the cache; other files in the directory are left alone.
 
 Safety, as a data format should:
 
@@ -78,25 +140,32 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .algebra import SpecKeyError
+from .losses import TopK
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["Cache", "CacheChangedError", "CacheError", "CacheInfo", "CacheLockedError", "CachedLayers",
-           "features_of", "read", "teacher_selectors", "write"]
+__all__ = ["Cache", "CacheChangedError", "CacheError", "CacheInfo", "CacheLockedError", "CachedLayers", "CachedTeacher",
+           "TopKCache", "features_of", "format_info", "info", "read", "read_topk", "teacher_selectors", "upgrade",
+           "write", "write_topk"]
 
 FORMAT = "distilkit.cache"
 VERSION = 2  # written; version 1 (no generation, no digest) is still read
 VERSIONS = (1, 2)
+KEYED_FORMAT = "distilkit.cache.keyed-topk"  # dk.cache.write_topk: top-k rows keyed by example
+KEYED_VERSION = 1
+KEYED_VERSIONS = (1,)
+ENCODINGS = ("float32", "float16", "int8")  # of a keyed cache's log-probabilities
+COVERAGE = ("mean", "min", "p5", "p25", "p50", "p75", "p95", "max")  # the kept-mass statistics recorded
 INDEX = "index.json"
 LOCK = "index.json.lock"
 LOGITS = "logits"
@@ -104,9 +173,11 @@ MAX_DEPTH = 16  # JSON nesting accepted in an index (one needs 5)
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 _OPEN_ATTEMPTS = 5
 _GENERATION = re.compile(r"[0-9a-f]{16}")
-_ARRAY = r"(logits|logits-indices|logits-logprobs|logits-tail|feature-\d+)"
+_ARRAY = (r"(logits|logits-indices|logits-logprobs|logits-tail|feature-\d+"  # batch-position caches
+          r"|positions|indices|logprobs|tail|lp-max|lp-step)")  # keyed top-k caches
 _DATA_V2 = re.compile(rf"shard-(\d{{5,}})-([0-9a-f]{{16}})-{_ARRAY}\.npy")
 _DATA_V1 = re.compile(rf"shard-(\d{{5,}})-{_ARRAY}\.npy")
+_TABLE = re.compile(r"table-([0-9a-f]{16})-(keys|rows)\.npy")  # a keyed cache's example table
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 
 
@@ -528,9 +599,10 @@ def _remove_debris(path: Path, keep: set[str] | None, generation: str | bool | N
         if name == INDEX + ".tmp":
             _unlink(path / name)
         elif keep is not None:
-            if name not in keep and (_DATA_V2.fullmatch(name) or _DATA_V1.fullmatch(name)):
+            if name not in keep and (_DATA_V2.fullmatch(name) or _DATA_V1.fullmatch(name) or _TABLE.fullmatch(name)):
                 _unlink(path / name)
-        elif (match := _DATA_V2.fullmatch(name)) and match[2] != generation:
+        elif ((match := _DATA_V2.fullmatch(name)) and match[2] != generation) or (
+                (match := _TABLE.fullmatch(name)) and match[1] != generation):
             _unlink(path / name)
 
 
@@ -588,6 +660,15 @@ def write(teacher_fn: Callable[[Any], Mapping], loader: Iterable, path: str | os
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{api}: expected a directory path for the cache, got the file {str(path)!r}.")
+    index = _locked_write(api, path, overwrite, shard_bytes, lambda writer: _write_shards(
+        api, teacher_fn, loader, writer, fmt, k, selection, dtype, temperature, logits_key))
+    return _info(path, index)
+
+
+def _locked_write(api: str, path: Path, overwrite: bool, shard_bytes: int,
+                  body: Callable[[_ShardWriter], dict]) -> dict:
+    """Under the directory's writer lock: ``body(writer)`` writes a new generation's files and returns their index,
+    which is committed by one rename over ``index.json``; then the replaced cache's files are removed."""
     path.mkdir(parents=True, exist_ok=True)
     with _write_lock(api, path):
         if ((path / INDEX).exists() or (path / INDEX).is_symlink()) and not overwrite:
@@ -597,8 +678,7 @@ def write(teacher_fn: Callable[[Any], Mapping], loader: Iterable, path: str | os
         generation = secrets.token_hex(8)
         writer = _ShardWriter(path, shard_bytes, generation)
         try:
-            index = _write_shards(api, teacher_fn, loader, writer, fmt, k, selection, dtype, temperature,
-                                  logits_key)
+            index = body(writer)
             tmp = path / (INDEX + ".tmp")
             with _create(tmp) as fh:
                 fh.write(json.dumps(index, indent=1).encode())
@@ -612,7 +692,7 @@ def write(teacher_fn: Callable[[Any], Mapping], loader: Iterable, path: str | os
         with contextlib.suppress(OSError):  # committed: what follows is housekeeping
             _fsync_dir(path)
             _remove_debris(path, set(writer.files), generation)
-    return _info(path, index)
+    return index
 
 
 def _write_shards(api: str, teacher_fn, loader, writer: _ShardWriter, fmt, k, selection, dtype: str,
@@ -869,16 +949,17 @@ def _stamp(st: os.stat_result) -> tuple:
     return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _open_index(path: Path) -> tuple[int, tuple, dict, list]:
-    """``(descriptor, stamp, index, slots)`` of the cache at ``path``, the index validated; the caller closes the
-    descriptor."""
-    api = "dk.cache.read"
+def _open_index(path: Path, validate: Callable[[Any, str], Any] | None = None,
+                api: str = "dk.cache.read") -> tuple[int, tuple, dict, Any]:
+    """``(descriptor, stamp, index, validate(index))`` of the cache at ``path`` (``validate``: that of the
+    batch-position format by default); the caller closes the descriptor."""
+    validate = validate or _validate
     if not path.is_dir():
-        raise FileNotFoundError(f"{api}: expected a cache directory written by dk.cache.write, got {str(path)!r} "
+        raise FileNotFoundError(f"{api}: expected a cache directory written by dk.cache, got {str(path)!r} "
                                 "(no such directory).")
     file = path / INDEX
     try:
-        fd = _open_regular(file, what="cache index")
+        fd = _open_regular(file, api, what="cache index")
     except FileNotFoundError:
         raise FileNotFoundError(f"{api}: expected {INDEX} in {str(path)!r}, found none: not a cache, or its first "
                                 "write is still running or was interrupted.") from None
@@ -887,7 +968,7 @@ def _open_index(path: Path) -> tuple[int, tuple, dict, list]:
         index = _parse(_read_all(fd), str(file))
         if _stamp(os.fstat(fd)) != stamp:
             raise CacheChangedError(f"{api}: expected {str(file)!r} to stay unchanged while it is read, got an edit.")
-        return fd, stamp, index, _validate(index, str(file))
+        return fd, stamp, index, validate(index, str(file))
     except BaseException:
         os.close(fd)
         raise
@@ -1036,6 +1117,9 @@ def _validate(index, file: str) -> list:
     """Check every field of a parsed index (structure, types, ranges, and that the parts agree with each other);
     return per batch ``(shard, {array: (offset, shape)})``. Raises :class:`CacheError` naming the file and field."""
     w = _Walk(file)
+    if isinstance(index, dict) and index.get("format") == KEYED_FORMAT:
+        raise CacheError(f"dk.cache.read: {file!r} is the index of a keyed top-k cache (written by "
+                         "dk.cache.write_topk); open it with dk.cache.read_topk.")
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         w.fail("format", f"format {FORMAT!r} (an index written by dk.cache.write)",
                _show(index.get("format") if isinstance(index, dict) else index))
@@ -1233,14 +1317,15 @@ def _validate(index, file: str) -> list:
 
 
 # ------------------------------------------------------------------------------------ reading the data
-def _open_shard(path: Path, entry: Mapping, *, mmap: bool) -> np.ndarray | None:
+def _open_shard(path: Path, entry: Mapping, *, mmap: bool, api: str = "dk.cache.read",
+                what: str = "shard file") -> np.ndarray | None:
     """Check that the shard file ``entry`` is a ``.npy`` of a C-ordered 1-D array of the index's size and dtype,
     all there; return its memory map when ``mmap`` (of the very file checked: one descriptor)."""
     file = path / entry["file"]
     try:
-        fd = _open_regular(file, what="shard file")
+        fd = _open_regular(file, api, what=what)
     except FileNotFoundError:
-        raise FileNotFoundError(f"dk.cache.read: expected shard file {str(file)!r} listed in the index; it is "
+        raise FileNotFoundError(f"{api}: expected {what} {str(file)!r} listed in the index; it is "
                                 "missing.") from None
     with os.fdopen(fd, "rb") as fh:
         try:
@@ -1250,14 +1335,14 @@ def _open_shard(path: Path, entry: Mapping, *, mmap: bool) -> np.ndarray | None:
             shape, fortran, dtype = read_header(fh)
             offset = fh.tell()
         except (ValueError, OSError, EOFError) as error:
-            raise CacheError(f"dk.cache.read: corrupt shard file {str(file)!r}: {error}") from None
+            raise CacheError(f"{api}: corrupt {what} {str(file)!r}: {error}") from None
         expected = offset + entry["size"] * np.dtype(entry["dtype"]).itemsize
         if shape != (entry["size"],) or dtype != np.dtype(entry["dtype"]) or fortran:
-            raise CacheError(f"dk.cache.read: corrupt shard file {str(file)!r}: expected a 1-D {entry['dtype']} "
+            raise CacheError(f"{api}: corrupt {what} {str(file)!r}: expected a 1-D {entry['dtype']} "
                              f"array of {entry['size']} elements, got shape {shape} and dtype {dtype}.")
         size = os.fstat(fh.fileno()).st_size
         if size != expected:
-            raise CacheError(f"dk.cache.read: corrupt shard file {str(file)!r}: expected {expected} bytes, got "
+            raise CacheError(f"{api}: corrupt {what} {str(file)!r}: expected {expected} bytes, got "
                              f"{size} (truncated?).")
         return np.memmap(fh, dtype=dtype, mode="r", offset=offset, shape=shape) if mmap else None
 
@@ -1294,3 +1379,961 @@ def read(path: str | os.PathLike, *, device=None, open_shards: int = 4) -> Cache
         cache._close_index()  # overwritten meanwhile (its files maybe removed): open the new one
     raise CacheChangedError(f"dk.cache.read: expected the cache at {str(path)!r} to stay unchanged while it is "
                             f"opened, got a new one {_OPEN_ATTEMPTS} times in a row.")
+
+
+# ======================================================================================= keyed top-k caches
+_BINS = 10_000  # kept-mass histogram bins: percentiles to within 1e-4
+_ROW_ARRAYS = ("positions", "tail", "lp-max", "lp-step")  # one element per stored position; the others have k
+
+
+class CachedTeacher(NamedTuple):
+    """What :meth:`TopKCache.teacher` returns: the top-k teacher aligned to the student's positions, and where it
+    is defined."""
+
+    topk: TopK
+    """indices ``[B, L, k]`` (int64), logprobs ``[B, L, k]`` and tail ``[B, L]`` (float32), the stored temperature
+    and the policy: the ``teacher`` argument of ``dk.kd_kl`` and co."""
+    mask: Tensor
+    """``[B, L]`` bool: True where the cache holds the teacher's row; elsewhere ``topk`` is a placeholder (the
+    uniform distribution over classes 0..k-1) that the loss must mask out."""
+
+
+def _encoding(api: str, dtype) -> str:
+    names = {torch.float16: "float16", torch.float32: "float32", torch.int8: "int8", torch.uint8: "int8",
+             np.float16: "float16", np.float32: "float32", np.int8: "int8", np.uint8: "int8", "uint8": "int8"}
+    name = dtype.name if isinstance(dtype, np.dtype) else names.get(dtype, dtype) if _hashable(dtype) else dtype
+    name = names.get(name, name) if _hashable(name) else name
+    if name not in ENCODINGS:
+        raise ValueError(f"{api}: expected dtype 'float32', 'float16' or 'int8' for the stored log-probabilities, "
+                         f"got {dtype!r}.")
+    return name
+
+
+def _indices_dtype(vocab: int) -> str:
+    return "uint16" if vocab <= 1 << 16 else "int32"
+
+
+def _positive_int(api: str, name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{api}: expected {name} to be an int >= {low}, got {value!r}.")
+    return int(value)
+
+
+def _example_keys(api: str, i: int, ids, size: int, state: dict) -> list:
+    """The ``size`` example ids of item ``i`` as Python ints or strs (the same kind for the whole cache)."""
+    if isinstance(ids, Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.ndim != 1:
+            raise TypeError(f"{api}: expected the example ids of batch {i} to be a 1-D integer tensor, a list of "
+                            f"ints or a list of strs, got a tensor of dtype {ids.dtype} and shape {tuple(ids.shape)}.")
+        ids = ids.tolist()
+    elif isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or ids.dtype.kind not in "iuUS":
+            raise TypeError(f"{api}: expected the example ids of batch {i} to be 1-D ints or strs, got an array of "
+                            f"dtype {ids.dtype} and shape {ids.shape}.")
+        ids = [x.decode() if isinstance(x, bytes) else x for x in ids.tolist()]
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(f"{api}: expected the example ids of batch {i} to be a sequence (one id per sequence: a "
+                        f"list or 1-D tensor of ints, or a list of strs), got {type(ids).__name__}.")
+    keys = []
+    for key in ids:
+        if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+            key, kind = int(key), "int"
+            if not -(1 << 63) <= key < 1 << 63:
+                raise ValueError(f"{api}: expected example ids in the int64 range, got {key} in batch {i}.")
+        elif isinstance(key, str):
+            kind = "str"
+            if "\0" in key:
+                raise ValueError(f"{api}: expected example ids without NUL characters, got {key!r} in batch {i}.")
+        else:
+            raise TypeError(f"{api}: expected each example id to be an int (e.g. a dataset index) or a str, got "
+                            f"{type(key).__name__} ({_show(key)}) in batch {i}.")
+        if state.setdefault("keys", kind) != kind:
+            raise TypeError(f"{api}: expected every example id to be a{'n int' if state['keys'] == 'int' else ' str'} "
+                            f"like the first ones, got {key!r} in batch {i}.")
+        keys.append(key)
+    if len(keys) != size:
+        raise ValueError(f"{api}: expected one example id per sequence, {size} for batch {i}, got {len(keys)}.")
+    return keys
+
+
+def _leading(api: str, i: int, name: str, value, shape: tuple[int, int], device) -> Tensor | None:
+    if value is None:
+        return None
+    if not isinstance(value, Tensor):
+        value = torch.as_tensor(np.asarray(value))
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{api}: expected {name} of batch {i} to have the shape {list(shape)} of the logits' "
+                         f"leading dimensions [B, L], got {list(value.shape)}.")
+    return value.to(device)
+
+
+def _keyed_rows(api: str, i: int, ids, teacher, keep, positions, k: int, temperature: float, state: dict):
+    """The kept rows of item ``i``: ``(keys, counts [B], rows {array: numpy}, tail float32 [n], B·L)``.
+
+    ``teacher``: logits ``[B, L, V]``, or a top-k teacher (``dk.TopK`` or mapping) ``[B, L, k' ≥ k]``.
+    """
+    if isinstance(teacher, TopK):
+        teacher = teacher.as_mapping()
+    dense = isinstance(teacher, Tensor)
+    if dense:
+        if not teacher.is_floating_point() or teacher.ndim != 3 or teacher.shape[-1] == 0:
+            got = f"dtype {teacher.dtype}" if not teacher.is_floating_point() else f"shape {list(teacher.shape)}"
+            raise ValueError(f"{api}: expected the teacher logits of batch {i} to be a floating-point tensor "
+                             f"[B, L, V] (a sequence per example; unsqueeze(1) one position per example), got {got}.")
+        lead, device = tuple(teacher.shape[:2]), teacher.device
+    elif isinstance(teacher, Mapping) and "indices" in teacher and "logprobs" in teacher:
+        indices, logprobs = teacher["indices"], teacher["logprobs"]
+        if not (isinstance(indices, Tensor) and isinstance(logprobs, Tensor) and indices.ndim == 3
+                and logprobs.shape == indices.shape and not indices.is_floating_point()
+                and logprobs.is_floating_point()):
+            raise ValueError(f"{api}: expected a top-k teacher of batch {i} with integer indices and floating "
+                             "log-probabilities of one shape [B, L, k].")
+        stored = teacher.get("temperature", 1.0)
+        stored = float(stored) if isinstance(stored, (int, float)) or (
+            isinstance(stored, Tensor) and stored.ndim == 0) else None
+        if stored is None or not math.isclose(stored, temperature, rel_tol=1e-6):
+            raise ValueError(f"{api}: expected a top-k teacher at the temperature {temperature} given to write_topk "
+                             f"(a float), got {teacher.get('temperature')!r} for batch {i}.")
+        if state.get("vocab") is None:
+            raise ValueError(f"{api}: a top-k teacher does not tell the vocabulary size: pass vocab=V.")
+        lead, device = tuple(indices.shape[:2]), indices.device
+    else:
+        raise TypeError(f"{api}: expected the teacher of batch {i} to be logits [B, L, V] or a top-k teacher "
+                        f"(dk.TopK or a mapping with 'indices' and 'logprobs'), got {type(teacher).__name__}.")
+    size = lead[0]
+    keys = _example_keys(api, i, ids, size, state)
+    keep = _leading(api, i, "the keep mask", keep, lead, device)
+    keep = torch.ones(lead, dtype=torch.bool, device=device) if keep is None else keep != 0
+    given = math.prod(lead)
+    positions = _leading(api, i, "positions", positions, lead, "cpu")
+    if positions is None:
+        positions = torch.arange(lead[1]).expand(lead)
+    elif positions.is_floating_point() or positions.dtype == torch.bool:
+        raise TypeError(f"{api}: expected integer positions for batch {i}, got dtype {positions.dtype}.")
+    with torch.no_grad():
+        if dense:
+            z = teacher[keep]
+            vocab = int(teacher.shape[-1])
+            state["vocab"] = vocab if state["vocab"] is None else state["vocab"]
+            if state["vocab"] != vocab:
+                raise ValueError(f"{api}: expected {state['vocab']} classes in every batch's logits (the first "
+                                 f"batch's, or vocab=), got {vocab} for batch {i}.")
+            if vocab < k:
+                raise ValueError(f"{api}: expected at least k = {k} classes in the teacher logits, got {vocab}.")
+            indices, logprobs, tail = _topk(z, k, temperature)
+        else:
+            indices, logprobs = indices[keep].long(), logprobs[keep].float()
+            tail = teacher.get("tail")
+            tail = None if tail is None else _leading(api, i, "the top-k tail", tail, lead, device)[keep].float()
+            if indices.numel() and not (int(indices.min()) >= 0 and int(indices.max()) < state["vocab"]):
+                raise ValueError(f"{api}: expected top-k indices in [0, {state['vocab']}) (vocab), got indices "
+                                 f"from {int(indices.min())} to {int(indices.max())} in batch {i}.")
+            if indices.shape[-1] < k:
+                raise ValueError(f"{api}: expected at least k = {k} classes per row in the top-k teacher, got "
+                                 f"{indices.shape[-1]} for batch {i}.")
+            if indices.shape[-1] > k:  # keep the k most likely; the rest joins the tail
+                logprobs, order = logprobs.sort(-1, descending=True)
+                indices = indices.gather(-1, order)
+                rest = logprobs[:, k:].logsumexp(-1)
+                tail = rest if tail is None else torch.logaddexp(tail, rest)
+                indices, logprobs = indices[:, :k], logprobs[:, :k]
+            if tail is None:  # the leftover mass from the kept mass (float64 against cancellation)
+                tail = torch.log1p(-logprobs.double().exp().sum(-1).clamp(max=1.0)).float()
+        if torch.isnan(logprobs).any() or torch.isnan(tail).any() or (logprobs == math.inf).any():
+            raise ValueError(f"{api}: the teacher's kept rows of batch {i} hold NaN (or +inf) log-probabilities; "
+                             "check the teacher's logits at the kept positions.")
+        counts = keep.sum(1).cpu().numpy().astype(np.int64)
+        kept_positions = positions[keep.cpu()].numpy().astype(np.int64)
+    if kept_positions.size:
+        starts = np.cumsum(counts) - counts
+        later = np.ones(kept_positions.size, dtype=bool)
+        later[starts[counts > 0]] = False  # the first kept position of each example
+        bad = (kept_positions < 0) | (kept_positions >= 1 << 31)
+        bad[1:] |= later[1:] & (np.diff(kept_positions) <= 0)
+        if bad.any():
+            raise ValueError(f"{api}: expected the kept positions of each sequence of batch {i} to increase along "
+                             "the sequence, in [0, 2**31), got otherwise (check positions=).")
+    rows = {"positions": kept_positions.astype(np.int32),
+            "indices": indices.cpu().numpy().astype(_indices_dtype(state["vocab"])),
+            **_encode(logprobs.cpu().numpy(), state["encoding"]),
+            "tail": tail.cpu().numpy().astype(np.float32)}
+    return keys, counts, rows, rows["tail"], given
+
+
+def _encode(logprobs: np.ndarray, encoding: str) -> dict[str, np.ndarray]:
+    """Stored form of float32 log-probabilities ``[n, k]``. ``int8``: per row the maximum m (float32) and a step
+    s = (m − min finite) / 254; each entry as the byte q = round((m − x) / s) ∈ [0, 254], 255 for −inf; decoded
+    m − q·s, so an entry is off by at most s / 2 and the row's most likely class is exact."""
+    if encoding == "float32":
+        return {"logprobs": logprobs.astype(np.float32)}
+    if encoding == "float16":
+        with np.errstate(over="ignore"):
+            return {"logprobs": np.maximum(logprobs, np.finfo(np.float16).min).astype(np.float16)}
+    finite = np.isfinite(logprobs)
+    if not logprobs.size:
+        return {"logprobs": np.zeros(logprobs.shape, np.uint8), "lp-max": np.zeros(0, np.float32),
+                "lp-step": np.zeros(0, np.float32)}
+    x = logprobs.astype(np.float64)
+    top = x.max(-1)
+    low = np.where(finite, x, np.inf).min(-1)
+    step = ((top - low) / 254).astype(np.float32)
+    divide = np.where(step > 0, step, 1.0)[:, None]
+    q = np.where(finite, np.clip(np.rint((top[:, None] - x) / divide), 0, 254), 255)
+    return {"logprobs": q.astype(np.uint8), "lp-max": top.astype(np.float32), "lp-step": step}
+
+
+def _decode(rows: Mapping[str, np.ndarray], encoding: str) -> np.ndarray:
+    lp = rows["logprobs"]
+    if encoding != "int8":
+        return lp.astype(np.float32)
+    out = rows["lp-max"][:, None] - lp.astype(np.float32) * rows["lp-step"][:, None]
+    out[lp == 255] = -np.inf
+    return out
+
+
+class _Coverage:
+    """Streaming statistics of the kept mass Σ_K p = 1 − exp(tail) of every stored position."""
+
+    def __init__(self):
+        self.hist = np.zeros(_BINS, np.int64)
+        self.n, self.total, self.low, self.high = 0, 0.0, math.inf, -math.inf
+
+    def add(self, tail: np.ndarray) -> None:
+        if not tail.size:
+            return
+        mass = np.clip(-np.expm1(tail.astype(np.float64)), 0.0, 1.0)
+        self.hist += np.bincount(np.minimum((mass * _BINS).astype(np.int64), _BINS - 1), minlength=_BINS)
+        self.n += mass.size
+        self.total += float(mass.sum())
+        self.low, self.high = min(self.low, float(mass.min())), max(self.high, float(mass.max()))
+
+    def stats(self) -> dict[str, float | None]:
+        if not self.n:
+            return dict.fromkeys(COVERAGE)
+        cumulative = np.cumsum(self.hist)
+        out = {"mean": min(max(self.total / self.n, self.low), self.high), "min": self.low}
+        for p in (5, 25, 50, 75, 95):  # nearest rank: the smallest m with at least p % of the positions <= m
+            b = int(np.searchsorted(cumulative, max(1, math.ceil(p * self.n / 100))))
+            out[f"p{p}"] = min(max((b + 0.5) / _BINS, self.low), self.high)
+        out["max"] = self.high
+        return {name: out[name] for name in COVERAGE}
+
+
+def _npy_dtype(dtype: np.dtype) -> str:
+    return f"S{dtype.itemsize}" if dtype.kind == "S" else dtype.name
+
+
+def _write_table(writer: _ShardWriter, name: str, array: np.ndarray) -> dict:
+    """Write the 1-D ``array`` as the new generation's table file ``name``; return its index entry."""
+    file = f"table-{writer.generation}-{name}.npy"
+    array = np.ascontiguousarray(array)
+    fh = _create(writer.path / file)
+    writer.files.append(file)
+    with fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(array.dtype),
+                                                  "fortran_order": False, "shape": (array.size,)})
+        fh.write(array.data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return {"file": file, "size": int(array.size), "dtype": _npy_dtype(array.dtype),
+            "sha256": hashlib.sha256(array.data).hexdigest()}
+
+
+def _keyed_items(api: str, items, teacher_fn, ids_key, mask_key, positions_key, logits_key):
+    """``(i, ids, teacher, keep, positions)`` per item of ``items``."""
+    if isinstance(items, (Mapping, str, bytes, Tensor)) or not isinstance(items, Iterable):
+        raise TypeError(f"{api}: expected items to be an iterable of batches, got {type(items).__name__}.")
+    for i, item in enumerate(items):
+        if teacher_fn is None:
+            if not isinstance(item, (tuple, list)) or not 2 <= len(item) <= 4:
+                raise TypeError(f"{api}: expected each item to be a tuple (ids, teacher[, keep[, positions]]) (or "
+                                f"pass teacher_fn= to run a teacher on batches), got {type(item).__name__} for "
+                                f"item {i}.")
+            ids, teacher, keep, positions = (*item, None, None)[:4]
+            yield i, ids, teacher, keep, positions
+            continue
+        if not isinstance(item, Mapping):
+            raise TypeError(f"{api}: expected each batch to be a mapping with the example ids under {ids_key!r}, "
+                            f"got {type(item).__name__} for batch {i}.")
+        for key in (ids_key, positions_key):
+            if key is not None and key not in item:
+                raise KeyError(f"{api}: expected key {key!r} in batch {i}, got keys {sorted(map(str, item))}.")
+        out = teacher_fn(item)
+        if isinstance(out, Tensor):
+            teacher = out
+        elif isinstance(out, Mapping):
+            if logits_key not in out:
+                raise KeyError(f"{api}: expected key {logits_key!r} in the teacher outputs of batch {i}, got keys "
+                               f"{sorted(map(str, out))}.")
+            teacher = out[logits_key]
+        else:
+            teacher = getattr(out, logits_key, None)
+            if teacher is None:
+                raise TypeError(f"{api}: expected teacher_fn(batch) to return logits, an output mapping or an object "
+                                f"with a {logits_key!r} attribute, got {type(out).__name__} for batch {i}.")
+        keep = item.get(mask_key) if mask_key is not None else None
+        yield i, item[ids_key], teacher, keep, None if positions_key is None else item[positions_key]
+
+
+def write_topk(path: str | os.PathLike, items: Iterable, *, k: int, teacher_fn: Callable | None = None,
+               vocab: int | None = None, dtype="float32", temperature: float = 1.0, ids_key: str = "ids",
+               mask_key: str | None = "attention_mask", positions_key: str | None = None, logits_key: str = LOGITS,
+               shard_bytes: int = 1 << 30, overwrite: bool = False) -> dict:
+    """Write a keyed top-k teacher cache at ``path``: per example id, the top-k of the teacher at its kept
+    positions only (ragged, no padding), readable in any order with :func:`read_topk`.
+
+    Args:
+        path: a directory (created; it must not already hold a cache unless ``overwrite``).
+        items: without ``teacher_fn``, an iterable of tuples ``(ids, teacher[, keep[, positions]])``: ``ids`` one
+            example id per sequence (ints, e.g. dataset indices, or strs; unique over the cache); ``teacher`` the
+            logits ``[B, L, V]`` (e.g. ``model(**batch).logits``) or a top-k teacher ``[B, L, k' >= k]``
+            (``dk.TopK`` or mapping, e.g. an inference server's top log-probabilities; needs ``vocab``);
+            ``keep`` ``[B, L]`` (nonzero = store; default all: pass the attention mask so that padding is not
+            stored); ``positions`` ``[B, L]`` ints, each row's position in its example (default the column index,
+            right padding; for left padding pass ``attention_mask.cumsum(-1) - 1``). With ``teacher_fn``, an
+            iterable of batch mappings: ``ids = batch[ids_key]``, ``keep = batch[mask_key]`` (if there),
+            ``positions = batch[positions_key]`` (if given) and ``teacher = teacher_fn(batch)`` (logits, or an
+            output mapping or object holding them under ``logits_key``, e.g. a Hugging Face output).
+        k: classes kept per position.
+        teacher_fn: see ``items``; called under ``torch.no_grad()``.
+        vocab: V; needed for a top-k teacher, checked against the logits otherwise.
+        dtype: storage of the log-probabilities: ``"float32"`` (exact), ``"float16"`` (relative error <= 2⁻¹¹) or
+            ``"int8"`` (one byte per class plus 8 bytes per position: the row's maximum and a step s; absolute error
+            <= s / 2 = (range of the row's finite log-probabilities) / 508, the most likely class exact).
+        temperature: T_c, the temperature of the stored log-probabilities and tail (as :func:`write`).
+        shard_bytes, overwrite: as :func:`write` (atomic overwrite, one writer at a time).
+
+    Returns:
+        :func:`info` of the written cache: sizes, bytes per position and the kept-mass statistics.
+
+    Rows are stored as the teacher emits them: the row at position i is the teacher's distribution after reading
+    tokens 0..i, i.e. over the token at i + 1 (Hugging Face causal-LM logits). :meth:`TopKCache.teacher` returns the
+    row at the student's position p (+ ``shift``), which is what the student's logits at p predict too.
+    """
+    api = "dk.cache.write_topk"
+    k = _positive_int(api, "k", k)
+    encoding = _encoding(api, dtype)
+    if vocab is not None:
+        vocab = _positive_int(api, "vocab", vocab)
+        if vocab < k:
+            raise ValueError(f"{api}: expected k <= vocab, got k = {k} and vocab = {vocab}.")
+    if teacher_fn is not None and not callable(teacher_fn):
+        raise TypeError(f"{api}: expected teacher_fn to be callable (batch -> logits), got "
+                        f"{type(teacher_fn).__name__}.")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{api}: expected temperature to be a float > 0, got {temperature!r}.")
+    if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1:
+        raise ValueError(f"{api}: expected shard_bytes to be a positive int, got {shard_bytes!r}.")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{api}: expected a directory path for the cache, got the file {str(path)!r}.")
+    generator = _keyed_items(api, items, teacher_fn, ids_key, mask_key, positions_key, logits_key)
+    index = _locked_write(api, path, overwrite, shard_bytes, lambda writer: _write_keyed(
+        api, generator, writer, k, float(temperature), encoding, vocab))
+    return _keyed_info(path, index)
+
+
+def _write_keyed(api: str, items, writer: _ShardWriter, k: int, temperature: float, encoding: str,
+                 vocab: int | None) -> dict:
+    """Store the kept rows of ``items`` in ``writer``'s shards and the example table; return the index."""
+    state: dict[str, Any] = {"vocab": vocab, "encoding": encoding}
+    coverage = _Coverage()
+    seen: dict = {}  # key -> the batch that gave it
+    keys: list = []
+    places: list[np.ndarray] = []  # per item [B, 3]: shard, first row in the shard, rows
+    pending_rows, current, given, batches = 0, None, 0, 0
+    with torch.no_grad():
+        for i, ids, teacher, keep, positions in items:
+            batches += 1
+            item_keys, counts, rows, tail, n = _keyed_rows(api, i, ids, teacher, keep, positions, k, temperature,
+                                                           state)
+            for key in item_keys:
+                if key in seen:
+                    raise ValueError(f"{api}: expected each example id once, got {key!r} in batch {seen[key]} and "
+                                     f"again in batch {i} (a loader of more than one epoch?); nothing was written.")
+                seen[key] = i
+            given += n
+            if not item_keys:
+                continue
+            writer.add(rows)
+            if len(writer.shards) != current:
+                current, pending_rows = len(writer.shards), 0
+            starts = pending_rows + np.cumsum(counts) - counts
+            pending_rows += int(counts.sum())
+            places.append(np.stack([np.full_like(counts, current), starts, counts], axis=1))
+            keys += item_keys
+            coverage.add(tail)
+    if not keys:
+        raise ValueError(f"{api}: expected at least one example, got {'no batch' if not batches else 'none'} (an "
+                         "exhausted iterator?); nothing was written.")
+    writer.flush()
+    if state["keys"] == "int":
+        table_keys = np.array(keys, dtype=np.int64)
+    else:
+        encoded = [key.encode("utf-8") for key in keys]
+        table_keys = np.array(encoded, dtype=f"S{max(1, *map(len, encoded))}")
+    order = np.argsort(table_keys, kind="stable")
+    table_rows = np.concatenate(places)[order].astype(np.int64)
+    shards = [{"rows": shard["files"]["tail"]["size"], "files": shard["files"]} for shard in writer.shards]
+    index = {
+        "format": KEYED_FORMAT, "version": KEYED_VERSION, "generation": writer.generation,
+        "keys": state["keys"], "k": k, "vocab": state["vocab"], "temperature": temperature,
+        "logprobs": encoding, "indices": _indices_dtype(state["vocab"]),
+        "examples": len(keys), "positions": sum(s["rows"] for s in shards), "positions_given": given,
+        "nbytes": sum(f["size"] * np.dtype(f["dtype"]).itemsize for s in shards for f in s["files"].values()),
+        "coverage": coverage.stats(), "shards": shards,
+        "table": {"keys": _write_table(writer, "keys", table_keys[order]),
+                  "rows": _write_table(writer, "rows", table_rows.reshape(-1))},
+    }
+    index["digest"] = _digest(index)
+    return index
+
+
+def _keyed_arrays(index: Mapping) -> dict[str, str]:
+    """``{array: dtype}`` of a keyed cache's shards."""
+    arrays = {"positions": "int32", "indices": index["indices"],
+              "logprobs": {"int8": "uint8"}.get(index["logprobs"], index["logprobs"]), "tail": "float32"}
+    if index["logprobs"] == "int8":
+        arrays.update({"lp-max": "float32", "lp-step": "float32"})
+    return arrays
+
+
+_KEYED_FIELDS = {
+    "format": f"{KEYED_FORMAT!r}", "version": "the format version", "generation": "the write's generation id",
+    "keys": "'int' or 'str'", "k": "the kept classes (an int >= 1)", "vocab": "the number of classes (an int >= 1)",
+    "temperature": "a number > 0", "logprobs": "the log-probabilities' encoding", "indices": "the indices' dtype",
+    "examples": "an int >= 1", "positions": "an int >= 0", "positions_given": "an int >= 0", "nbytes": "an int >= 0",
+    "coverage": "the kept-mass statistics (an object)", "shards": "a list of shards",
+    "table": "the example table (an object)", "digest": "the SHA-256 of the index",
+}
+
+
+def _validate_keyed(index, file: str) -> None:
+    """Check every field of a keyed cache's parsed index (the example table is checked by :func:`read_topk`)."""
+    w = _Walk(file)
+    fmt = index.get("format") if isinstance(index, dict) else None
+    if fmt == FORMAT:
+        version = index.get("version")
+        raise CacheError(
+            f"dk.cache.read_topk: {file!r} is the index of a batch-position cache (dk.cache.write, format version "
+            f"{_show(version)}), which stores teacher outputs by batch, not by example. Read it as it is with "
+            "dk.cache.read, or convert it to a keyed top-k cache with dk.cache.upgrade(path, new_path, keys) (keys: "
+            "each batch's example ids and keep mask, in the order it was written), or rewrite it with "
+            "dk.cache.write_topk.")
+    if fmt != KEYED_FORMAT:
+        w.fail("format", f"format {KEYED_FORMAT!r} (an index written by dk.cache.write_topk)", _show(fmt or index))
+    version = index.get("version")
+    if isinstance(version, bool) or version not in KEYED_VERSIONS:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > max(KEYED_VERSIONS)
+        raise CacheError(
+            f"dk.cache.read_topk: expected a keyed top-k cache of format version "
+            f"{' or '.join(map(str, KEYED_VERSIONS))}, got version {_show(version)} in {file!r}"
+            + (": it was written by a newer distilkit; upgrade distilkit to read it" if newer else "")
+            + ". Or rewrite the cache with dk.cache.write_topk(path, items, k=..., overwrite=True).")
+    w.fields(index, "", _KEYED_FIELDS)
+    generation = w.str(index["generation"], "generation", "16 hexadecimal digits")
+    if not _GENERATION.fullmatch(generation):
+        w.fail("generation", "16 hexadecimal digits", _show(generation))
+    w.str(index["digest"], "digest", "a SHA-256 in hexadecimal")
+    w.choice(index["keys"], "keys", ("int", "str"))
+    vocab = w.int(index["vocab"], "vocab", 1)
+    k = w.int(index["k"], "k", 1, vocab + 1, f"the kept classes, an int in [1, {vocab}] (vocab is {vocab})")
+    temperature = index["temperature"]
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
+        w.fail("temperature", "a finite number > 0", _show(temperature))
+    w.choice(index["logprobs"], "logprobs", ENCODINGS)
+    w.equal(index["indices"], "indices", _indices_dtype(vocab), f"the indices' dtype for a vocabulary of {vocab}")
+    examples = w.int(index["examples"], "examples", 1)
+    positions = w.int(index["positions"], "positions")
+    w.int(index["positions_given"], "positions_given", positions, None,
+          f"an int >= {positions} (the positions stored)")
+    coverage = w.fields(index["coverage"], "coverage", dict.fromkeys(COVERAGE, "a number in [0, 1]"))
+    values = [coverage[name] for name in COVERAGE]
+    if positions == 0:
+        for name in COVERAGE:
+            w.equal(coverage[name], _at("coverage", name), None, "no position is stored")
+    else:
+        for name, value in zip(COVERAGE, values, strict=True):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                w.fail(_at("coverage", name), "a number in [0, 1]", _show(value))
+        ordered = values[1:]
+        if ordered != sorted(ordered) or not ordered[0] <= values[0] <= ordered[-1]:
+            w.fail("coverage", "min <= p5 <= ... <= p95 <= max and min <= mean <= max", _show(coverage))
+    arrays = _keyed_arrays(index)
+    shards = w.list(index["shards"], "shards", _KEYED_FIELDS["shards"])
+    total = nbytes = 0
+    for s, shard in enumerate(shards):
+        at = _at("shards", s)
+        w.fields(shard, at, {"rows": "the positions stored in it (an int >= 0)",
+                             "files": "an object {array name: file}"})
+        rows = w.int(shard["rows"], _at(at, "rows"))
+        total += rows
+        files = w.mapping(shard["files"], _at(at, "files"), "an object {array name: file}")
+        if set(files) != set(arrays):
+            w.fail(_at(at, "files"), f"a file for each array, {list(arrays)}", _show(list(files)))
+        for name, f in files.items():
+            fat = _at(_at(at, "files"), name)
+            w.fields(f, fat, _FILE_FIELDS)
+            w.equal(f["file"], _at(fat, "file"), _shard_file(s, name, generation), "the file of this shard and array")
+            w.equal(f["dtype"], _at(fat, "dtype"), arrays[name], f"the dtype of {name}")
+            w.equal(f["size"], _at(fat, "size"), rows * (1 if name in _ROW_ARRAYS else k),
+                    f"{rows} rows{'' if name in _ROW_ARRAYS else f' of k = {k}'}")
+            nbytes += f["size"] * np.dtype(f["dtype"]).itemsize
+    w.equal(positions, "positions", total, "the rows of the shards")
+    w.equal(index["nbytes"], "nbytes", nbytes, "the shard files' data bytes")
+    table = w.fields(index["table"], "table", {"keys": "the keys' file", "rows": "the rows' file"})
+    for name, size in (("keys", examples), ("rows", 3 * examples)):
+        at = _at("table", name)
+        f = w.fields(table[name], at, {**_FILE_FIELDS, "sha256": "the SHA-256 of its data"})
+        w.equal(f["file"], _at(at, "file"), f"table-{generation}-{name}.npy", "the table file of this generation")
+        w.equal(f["size"], _at(at, "size"), size, f"{'the examples' if name == 'keys' else '3 × the examples'}")
+        dtype = w.str(f["dtype"], _at(at, "dtype"))
+        if name == "rows" or index["keys"] == "int":
+            w.equal(dtype, _at(at, "dtype"), "int64", "the table's dtype")
+        elif not re.fullmatch(r"S[1-9]\d{0,5}", dtype):
+            w.fail(_at(at, "dtype"), "'S<n>' (UTF-8 keys of at most n bytes)", _show(dtype))
+        if not re.fullmatch(r"[0-9a-f]{64}", w.str(f["sha256"], _at(at, "sha256"))):
+            w.fail(_at(at, "sha256"), "a SHA-256 in hexadecimal", _show(f["sha256"]))
+    if index["digest"] != _digest(index):
+        w.fail("digest", "the SHA-256 of the other fields", "another one: the index was edited or damaged after it "
+               "was written")
+
+
+def _keyed_info(path: Path, index: Mapping) -> dict:
+    positions = index["positions"]
+    per_position: dict[str, float] = {}
+    for shard in index["shards"]:
+        for name, f in shard["files"].items():
+            per_position[name] = per_position.get(name, 0) + f["size"] * np.dtype(f["dtype"]).itemsize
+    table = sum(f["size"] * np.dtype(f["dtype"]).itemsize for f in index["table"].values())
+    return {
+        "path": str(path), "kind": "keyed-topk", "format": index["format"], "version": index["version"],
+        "generation": index["generation"], "examples": index["examples"], "positions": positions,
+        "positions_given": index["positions_given"], "k": index["k"], "vocab": index["vocab"],
+        "temperature": float(index["temperature"]), "keys": index["keys"], "logprobs": index["logprobs"],
+        "indices": index["indices"], "shards": len(index["shards"]), "nbytes": index["nbytes"],
+        "table_bytes": table, "bytes_per_position": index["nbytes"] / positions if positions else 0.0,
+        "per_position": {n: b / positions if positions else 0.0 for n, b in per_position.items()},
+        "coverage": dict(index["coverage"]),
+    }
+
+
+def _check_table(path: Path, index: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """The example table ``(keys [E], rows [E, 3])`` memory-mapped, after checking its files' digests and that
+    it is sorted, unique, and tiles every shard's rows exactly."""
+    api, file = "dk.cache.read_topk", str(path / INDEX)
+    out = []
+    for name in ("keys", "rows"):
+        entry = index["table"][name]
+        array = _open_shard(path, entry, mmap=True, api=api, what="table file")
+        if hashlib.sha256(np.ascontiguousarray(array).data).hexdigest() != entry["sha256"]:
+            raise CacheError(f"{api}: corrupt table file {str(path / entry['file'])!r}: its data does not have the "
+                             f"SHA-256 the index records ({file!r}, table.{name}.sha256).")
+        out.append(array)
+    keys, rows = out[0], out[1].reshape(-1, 3)
+
+    def fail(what: str):
+        raise CacheError(f"{api}: corrupt example table in {str(path)!r}: expected {what}. Rewrite the cache with "
+                         "dk.cache.write_topk.")
+
+    if keys.size > 1 and not bool(np.all(keys[1:] > keys[:-1])):
+        fail("example ids sorted and unique")
+    shard, start, count = rows[:, 0], rows[:, 1], rows[:, 2]
+    sizes = np.array([s["rows"] for s in index["shards"]], dtype=np.int64)
+    if ((shard < 0) | (shard >= sizes.size) | (start < 0) | (count < 0)).any():
+        fail("shard numbers in range and rows >= 0")
+    order = np.lexsort((start, shard))
+    shard, start, count = shard[order], start[order], count[order]
+    first = np.ones(shard.size, dtype=bool)
+    first[1:] = shard[1:] != shard[:-1]
+    end = start + count
+    if (start[first] != 0).any() or (start[~first] != end[:-1][~first[1:]]).any() or (
+            np.bincount(shard, weights=count, minlength=sizes.size) != sizes).any():
+        fail("each shard's rows given to the examples in consecutive runs")
+    return keys, rows
+
+
+def read_topk(path: str | os.PathLike, *, device=None, open_shards: int = 4) -> TopKCache:
+    """Open the keyed top-k cache at ``path`` (written by :func:`write_topk` or :func:`upgrade`) as a
+    :class:`TopKCache`, after validating its index, its example table and every shard file's header.
+
+    Raises ``FileNotFoundError`` for a missing directory, index or file; :class:`CacheError` for a corrupt index
+    or file (naming the file and field), for a batch-position cache (saying how to convert it) and for an unknown
+    format version (saying how to rewrite it).
+    """
+    api = "dk.cache.read_topk"
+    if isinstance(open_shards, bool) or not isinstance(open_shards, int) or open_shards < 1:
+        raise ValueError(f"{api}: expected open_shards to be a positive int, got {open_shards!r}.")
+    path = Path(path)
+    for _ in range(_OPEN_ATTEMPTS):
+        try:
+            fd, stamp, index, _ = _open_index(path, _validate_keyed, api)
+        except CacheChangedError:
+            continue
+        try:  # the cache owns fd from here (closed when it is collected)
+            cache = TopKCache(path, index, device, open_shards, _opened=(fd, stamp))
+            for shard in index["shards"]:
+                for f in shard["files"].values():
+                    _open_shard(path, f, mmap=False, api=api)
+        except (OSError, CacheError):
+            if _same_index(path, stamp):
+                raise
+            continue  # overwritten meanwhile (its files maybe removed): open the new one
+        if cache._unchanged():
+            return cache
+        cache._close_index()
+    raise CacheChangedError(f"{api}: expected the cache at {str(path)!r} to stay unchanged while it is opened, got "
+                            f"a new one {_OPEN_ATTEMPTS} times in a row.")
+
+
+def _same_index(path: Path, stamp: tuple) -> bool:
+    try:
+        return _stamp(os.stat(path / INDEX, follow_symlinks=False)) == stamp
+    except OSError:
+        return False
+
+
+class TopKCache:
+    """A keyed top-k teacher cache, read back: the teacher of any examples, in any order, at any positions.
+
+    ``len(cache)`` examples; ``key in cache``; :meth:`teacher` for a batch, :meth:`get` for one example. Shards are
+    memory-mapped on first use (at most ``open_shards`` at a time) and only the rows asked for are copied. Like
+    :class:`Cache`, every read first checks that the cache is the one opened (:class:`CacheChangedError` after an
+    overwrite); it pickles (e.g. into loader workers) by reopening the same cache.
+    """
+
+    def __init__(self, path: Path, index: Mapping, device=None, open_shards: int = 4, *,
+                 _opened: tuple[int, tuple] | None = None):
+        self.path = path
+        self._index = index
+        self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._open_shards = open_shards
+        self.device = None if device is None else torch.device(device)
+        self.info = _keyed_info(path, index)
+        self.k, self.vocab, self.temperature = index["k"], index["vocab"], float(index["temperature"])
+        self._index_file = os.fspath(path / INDEX)
+        if _opened is None:
+            fd = _open_regular(path / INDEX, "dk.cache.read_topk")
+            _opened = fd, _stamp(os.fstat(fd))
+        self._hold(*_opened)
+        self._keys, self._rows = _check_table(path, index)
+
+    _hold = Cache._hold
+    _unchanged = Cache._unchanged
+
+    def _check_unchanged(self) -> None:
+        if not self._unchanged():
+            raise CacheChangedError(
+                f"dk.cache.TopKCache: expected the cache at {str(self.path)!r} to be the one opened (generation "
+                f"{self.info['generation']}), got another: its index.json was replaced or removed since (an "
+                "overwrite?). Reopen it with dk.cache.read_topk.")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        for name in ("_stamp", "_close_index", "_keys", "_rows"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        fd, stamp, index, _ = _open_index(self.path, _validate_keyed, "dk.cache.read_topk")
+        if index != self._index:
+            os.close(fd)
+            raise CacheChangedError(f"dk.cache.TopKCache: expected the cache at {str(self.path)!r} to be the one "
+                                    "pickled, got another (it was overwritten since). Reopen it with "
+                                    "dk.cache.read_topk.")
+        self._hold(fd, stamp)
+        self._keys, self._rows = _check_table(self.path, index)
+
+    def __len__(self) -> int:
+        return int(self._keys.size)
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"TopKCache({str(self.path)!r}, examples={i['examples']}, positions={i['positions']}, k={i['k']}, "
+                f"logprobs={i['logprobs']}, bytes_per_position={i['bytes_per_position']:.1f})")
+
+    def keys(self) -> list:
+        """The example ids, sorted."""
+        return self._keys.tolist() if self._index["keys"] == "int" else [k.decode() for k in self._keys.tolist()]
+
+    def __contains__(self, key) -> bool:
+        try:
+            return bool(self._find([key], missing_ok=True)[0] >= 0)
+        except TypeError:  # an id of the other kind
+            return False
+
+    def _find(self, ids, *, missing_ok: bool = False) -> np.ndarray:
+        """The table rows of ``ids`` (-1 for a missing id when ``missing_ok``, else ``KeyError``)."""
+        kind, n = self._index["keys"], self._keys.size
+        if kind == "int":
+            if not all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in ids):
+                raise TypeError(f"dk.cache.TopKCache: expected int example ids (the cache's), got {_show(ids)}.")
+            query = np.array([int(x) for x in ids], dtype=np.int64) if all(
+                -(1 << 63) <= int(x) < 1 << 63 for x in ids) else None
+            if query is None:
+                found = np.full(len(ids), -1)
+            else:
+                at = np.searchsorted(self._keys, query)
+                found = np.where((at < n) & (self._keys[np.minimum(at, n - 1)] == query), at, -1)
+        else:
+            if not all(isinstance(x, str) for x in ids):
+                raise TypeError(f"dk.cache.TopKCache: expected str example ids (the cache's), got {_show(ids)}.")
+            width = self._keys.dtype.itemsize
+            found = np.full(len(ids), -1)
+            for j, x in enumerate(ids):
+                b = x.encode("utf-8")
+                if len(b) <= width and b"\0" not in b:
+                    at = int(np.searchsorted(self._keys, np.array(b, dtype=self._keys.dtype)))
+                    found[j] = at if at < n and self._keys[at] == b else -1
+        if not missing_ok and (found < 0).any():
+            missing = [x for x, f in zip(ids, found, strict=True) if f < 0]
+            raise KeyError(f"dk.cache.TopKCache: example ids not in the cache at {str(self.path)!r}: "
+                           f"{_show(missing)} ({len(missing)} of {len(ids)}).")
+        return found
+
+    def _shard(self, number: int) -> dict[str, np.ndarray]:
+        arrays = self._open.get(number)
+        if arrays is None:
+            try:
+                arrays = {name: _open_shard(self.path, f, mmap=True, api="dk.cache.TopKCache")
+                          for name, f in self._index["shards"][number]["files"].items()}
+            except (OSError, CacheError):
+                self._check_unchanged()
+                raise
+            arrays = {name: a if name in _ROW_ARRAYS else a.reshape(-1, self.k) for name, a in arrays.items()}
+            self._open[number] = arrays
+            while len(self._open) > self._open_shards:
+                self._open.popitem(last=False)
+        self._open.move_to_end(number)
+        return arrays
+
+    def _example(self, row: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """``(the example's shard arrays, sliced to its rows; its positions)``."""
+        shard, start, count = (int(x) for x in self._rows[row])
+        arrays = self._shard(shard)
+        positions = np.asarray(arrays["positions"][start:start + count])
+        if count > 1 and not bool(np.all(positions[1:] > positions[:-1])):
+            raise CacheError(f"dk.cache.TopKCache: corrupt shard {shard} of {str(self.path)!r}: the positions of an "
+                             "example do not increase. Rewrite the cache with dk.cache.write_topk.")
+        return {name: a[start:start + count] for name, a in arrays.items()}, positions
+
+    def _rows_out(self, parts: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(indices int64, logprobs float32, tail float32)`` of the gathered rows, checked."""
+        rows = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
+        if not rows:
+            return (np.zeros((0, self.k), np.int64), np.zeros((0, self.k), np.float32), np.zeros(0, np.float32))
+        indices = rows["indices"].astype(np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.vocab):
+            raise CacheError(f"dk.cache.TopKCache: corrupt shard data in {str(self.path)!r}: class indices outside "
+                             f"[0, {self.vocab}). Rewrite the cache with dk.cache.write_topk.")
+        return indices, _decode(rows, self._index["logprobs"]), rows["tail"].astype(np.float32)
+
+    def _tensor(self, x: np.ndarray) -> Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        return t if self.device is None else t.to(self.device)
+
+    def get(self, key, *, policy: str | None = None) -> tuple[Tensor, TopK]:
+        """One example: ``(positions [n] int64, TopK of [n, k] rows)``, its stored positions in order."""
+        self._check_unchanged()
+        row = int(self._find([key])[0])
+        part, positions = self._example(row)
+        indices, logprobs, tail = self._rows_out([part])
+        return self._tensor(positions.astype(np.int64)), TopK(
+            self._tensor(indices), self._tensor(logprobs), self._tensor(tail), self.temperature, policy)
+
+    def teacher(self, ids, length: int | None = None, *, positions=None, shift: int = 0,
+                policy: str | None = None) -> CachedTeacher:
+        """The teacher of the examples ``ids`` at the student's positions, as :class:`CachedTeacher`
+        ``(topk, mask)``: ``topk`` ``[B, L, k]`` for ``dk.kd_kl`` and co., ``mask`` ``[B, L]`` where it is held.
+
+        Args:
+            ids: the batch's example ids (a list, or a 1-D integer tensor), in any order.
+            length: L, with the student's sequences right-padded: row b, column p is position p of example b.
+            positions: instead of ``length``, ``[B, L]`` ints: each column's position in its example (left padding:
+                ``attention_mask.cumsum(-1) - 1``), negative for padding.
+            shift: the student's position p reads the teacher's row at p + shift (0 when the student's logits at
+                p predict the same token as the teacher's, as two causal LMs on the same tokens).
+            policy: the ``dk.TopK`` policy (default: ``"tail"``, as a TopK with a tail).
+
+        Positions the cache does not hold (padding, positions not kept at write, past the example's end) are False
+        in ``mask``: combine it with the student's mask.
+        """
+        api = "dk.cache.TopKCache.teacher"
+        if isinstance(ids, (Tensor, np.ndarray)):
+            ids = ids.tolist()
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise TypeError(f"{api}: expected a sequence of example ids, got {type(ids).__name__}.")
+        if isinstance(shift, bool) or not isinstance(shift, int):
+            raise TypeError(f"{api}: expected shift to be an int, got {shift!r}.")
+        if (length is None) == (positions is None):
+            raise ValueError(f"{api}: expected either length (right padding) or positions [B, L], got "
+                             f"{'both' if length is not None else 'neither'}.")
+        if positions is None:
+            length = _positive_int(api, "length", length, 0)
+            grid = np.broadcast_to(np.arange(length, dtype=np.int64), (len(ids), length))
+        else:
+            grid = positions.detach().cpu().numpy() if isinstance(positions, Tensor) else np.asarray(positions)
+            if grid.ndim != 2 or grid.shape[0] != len(ids) or grid.dtype.kind not in "iu":
+                raise ValueError(f"{api}: expected integer positions of shape [B, L] with B = {len(ids)} (the ids), "
+                                 f"got {grid.dtype} of shape {list(grid.shape)}.")
+            grid = grid.astype(np.int64)
+        self._check_unchanged()
+        rows = self._find(ids)
+        batch, width = grid.shape
+        wanted = np.where(grid >= 0, grid + shift, -1)
+        mask = np.zeros((batch, width), dtype=bool)
+        parts, where = [], []
+        for b, row in enumerate(rows):
+            part, stored = self._example(int(row))
+            at = np.searchsorted(stored, wanted[b])
+            hit = (wanted[b] >= 0) & (at < stored.size)
+            hit[hit] = stored[at[hit]] == wanted[b][hit]
+            mask[b] = hit
+            parts.append({name: a[at[hit]] for name, a in part.items()})
+            where.append(np.flatnonzero(hit) + b * width)
+        indices, logprobs, tail = self._rows_out(parts)
+        flat = np.concatenate(where) if where else np.zeros(0, np.int64)
+        k = self.k
+        out_indices = np.broadcast_to(np.arange(k, dtype=np.int64), (batch * width, k)).copy()
+        out_logprobs = np.full((batch * width, k), -math.log(k), dtype=np.float32)
+        out_tail = np.full(batch * width, -np.inf, dtype=np.float32)
+        out_indices[flat], out_logprobs[flat], out_tail[flat] = indices, logprobs, tail
+        topk = TopK(self._tensor(out_indices.reshape(batch, width, k)),
+                    self._tensor(out_logprobs.reshape(batch, width, k)),
+                    self._tensor(out_tail.reshape(batch, width)), self.temperature, policy)
+        return CachedTeacher(topk, self._tensor(mask))
+
+
+# ---------------------------------------------------------------------------------- upgrade, info, format
+def upgrade(path: str | os.PathLike, new_path: str | os.PathLike, keys: Iterable, *, k: int | None = None,
+            dtype="float32", temperature: float | None = None, overwrite: bool = False,
+            shard_bytes: int = 1 << 30) -> dict:
+    """Convert a batch-position cache (:func:`write`, format version 1 or 2, logits dense or top-k) into a keyed
+    top-k cache at ``new_path`` (``path`` itself with ``overwrite=True``: replaced atomically).
+
+    ``keys``: per batch of the old cache, in the order it was written (e.g. the same loader, unshuffled or with the
+    same seed), its example ids, or ``(ids, keep)`` / ``(ids, keep, positions)`` as in :func:`write_topk`; without a
+    keep mask every position, padding included, is stored. ``k``: for a dense cache, required; for a top-k cache at
+    most its k (default: its k; a smaller k moves the rest into the tail). ``temperature``: for a dense cache (its
+    logits are raw), default 1; a top-k cache keeps its own. Returns :func:`info` of the new cache.
+    """
+    api = "dk.cache.upgrade"
+    old = read(path)
+    logits = old._index["logits"]
+    if logits is None:
+        raise ValueError(f"{api}: expected a cache with logits to convert, got {str(path)!r}, which holds only "
+                         "features.")
+    if logits["format"] == "topk":
+        stored_k = int(logits["k"])
+        k = stored_k if k is None else _positive_int(api, "k", k)
+        if k > stored_k:
+            raise ValueError(f"{api}: expected k <= {stored_k}, the k of the cache at {str(path)!r}, got {k}.")
+        if temperature is not None and not math.isclose(temperature, logits["temperature"], rel_tol=1e-6):
+            raise ValueError(f"{api}: a top-k cache keeps its stored temperature {logits['temperature']}; got "
+                             f"temperature={temperature}.")
+        temperature = float(logits["temperature"])
+    else:
+        if k is None:
+            raise ValueError(f"{api}: expected k for a dense cache (the classes to keep per position), got none.")
+        temperature = 1.0 if temperature is None else temperature
+    if isinstance(keys, (Mapping, str, bytes)) or not isinstance(keys, Iterable):
+        raise TypeError(f"{api}: expected keys to be an iterable with one entry per batch, got "
+                        f"{type(keys).__name__}.")
+
+    def items():
+        entries = iter(keys)
+        for i, cached in enumerate(old):
+            try:
+                entry = next(entries)
+            except StopIteration:
+                raise ValueError(f"{api}: expected an entry of keys for each of the {len(old)} batches of the cache, "
+                                 f"got {i}.") from None
+            if isinstance(entry, tuple):
+                ids, keep, positions = (*entry, None, None)[:3]
+            else:
+                ids, keep, positions = entry, None, None
+            yield ids, cached[logits["key"]], keep, positions
+        if next(entries, None) is not None:
+            raise ValueError(f"{api}: expected an entry of keys for each of the {len(old)} batches of the cache, got "
+                             "more.")
+
+    return write_topk(new_path, items(), k=k, vocab=int(logits["vocab"]), dtype=dtype, temperature=temperature,
+                      overwrite=overwrite, shard_bytes=shard_bytes)
+
+
+def info(path: str | os.PathLike) -> dict:
+    """What the cache at ``path`` holds, as a JSON-ready dict (validated first; ``distilkit cache info DIR``).
+
+    ``kind`` ``"keyed-topk"`` (:func:`write_topk`): ``examples``, ``positions`` (stored) and ``positions_given``
+    (in the teacher's tensors, padding included), ``k``, ``vocab``, ``temperature``, ``logprobs`` (encoding),
+    ``nbytes`` (shard data), ``table_bytes``, ``bytes_per_position`` and ``per_position`` (per array), and
+    ``coverage``: the kept mass Σ_K p of the stored positions, ``mean``, ``min``, ``p5`` ... ``p95``, ``max``
+    (percentiles by nearest rank, to within 1e-4). ``kind`` ``"batches"`` (:func:`write`): the fields of
+    :class:`CacheInfo`, ``bytes_per_token`` and ``version``.
+    """
+    path = Path(path)
+    try:
+        fd, _, index, _ = _open_index(path, lambda index, file: None, "dk.cache.info")
+        os.close(fd)
+    except CacheError:
+        index = None
+    if isinstance(index, dict) and index.get("format") == KEYED_FORMAT:
+        cache = read_topk(path)
+        return dict(cache.info)
+    batch_cache = read(path)
+    out = {"path": str(path), "kind": "batches", "format": FORMAT, "version": batch_cache._index["version"]}
+    for name in ("generation", "batches", "tokens", "nbytes", "logits", "k", "vocab", "dtype", "temperature",
+                 "features", "per_token"):
+        out[name] = getattr(batch_cache.info, name)
+    out["bytes_per_token"] = batch_cache.info.bytes_per_token
+    return out
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def format_info(info: Mapping) -> str:
+    """:func:`info`'s dict as the text ``distilkit cache info DIR`` prints."""
+    if info.get("kind") == "keyed-topk":
+        given, stored = info["positions_given"], info["positions"]
+        skipped = f"; {100 * (1 - stored / given):.1f} % of the {given} given not stored" if given else ""
+        lines = [
+            f"keyed top-k cache {info['path']} (version {info['version']}, generation {info['generation']})",
+            f"examples        {info['examples']} (ids: {info['keys']})",
+            f"positions       {stored} stored{skipped}",
+            f"top-k           k = {info['k']} of vocab {info['vocab']}, temperature {info['temperature']:g}, "
+            f"log-probs {info['logprobs']}, indices {info['indices']}",
+            f"size            {_bytes(info['nbytes'])} in {info['shards']} shard(s) + {_bytes(info['table_bytes'])} "
+            "table",
+            f"bytes/position  {info['bytes_per_position']:.1f} ("
+            + ", ".join(f"{n} {b:.1f}" for n, b in info["per_position"].items()) + ")",
+        ]
+        c = info["coverage"]
+        if c.get("mean") is None:
+            lines.append("kept mass       - (no position stored)")
+        else:
+            lines.append("kept mass       " + "  ".join(f"{n} {100 * c[n]:.2f} %" for n in COVERAGE))
+            lines.append(f"policies        'renormalize' scales the kept mass up to 100 %; 'tail' keeps the other "
+                         f"{100 * (1 - c['mean']):.1f} % as a bucket (at T = {info['temperature']:g})")
+        return "\n".join(lines)
+    logits = info.get("logits")
+    what = "none" if logits is None else logits if logits != "topk" else f"top-k, k = {info['k']}"
+    return "\n".join([
+        f"batch-position cache {info['path']} (version {info['version']}, generation {info.get('generation')})",
+        f"batches         {info['batches']}",
+        f"tokens          {info['tokens']} (padding included)",
+        f"logits          {what}" + ("" if logits is None else f" of vocab {info['vocab']}, {info['dtype']}"),
+        f"features        {info['features'] or 'none'}",
+        f"size            {_bytes(info['nbytes'])}",
+        f"bytes/token     {info['bytes_per_token']:.1f} ("
+        + ", ".join(f"{n} {b:.1f}" for n, b in info["per_token"].items()) + ")",
+    ])

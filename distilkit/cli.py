@@ -137,6 +137,17 @@ def _parser() -> _Parser:
     convert.add_argument("-o", "--output", default=None, metavar="OUT",
                          help="write the spec here instead of to stdout")
 
+    cache = sub.add_parser("cache", help="inspect a teacher cache written by dk.cache",
+                           description="Commands on teacher caches (dk.cache).")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND", required=True)
+    info = cache_sub.add_parser("info", help="what a cache holds: its kind, examples and positions, the top-k's kept "
+                                "probability mass (mean and percentiles), bytes per position",
+                                description="Print what the teacher cache in DIR holds: its kind and version, "
+                                "examples and positions, for a top-k cache the distribution of the probability mass "
+                                "its top k keep, and its size in bytes per position.")
+    info.add_argument("dir", metavar="DIR", help="the cache directory")
+    info.add_argument("--json", action="store_true", help="print the information as JSON")
+
     sub.add_parser("bench", help="run the loss benchmarks (from a clone of the repository); arguments are passed on",
                    add_help=False)
     parser.commands = dict(sub.choices)
@@ -447,8 +458,19 @@ def _bench(rest: list[str]) -> int:
     return status if isinstance(status, int) else 1
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from . import cache
+
+    try:
+        info = cache.info(args.dir)
+    except (OSError, cache.CacheError) as error:
+        return _fail(f"cache {args.cache_command}", f"{args.dir}: {_one_line(error)}")
+    print(json.dumps(info, indent=1) if args.json else cache.format_info(info))
+    return 0
+
+
 _COMMANDS = {"validate": _validate, "schema": _schema, "convert-textbrewer": _convert, "demo": _demo,
-             "doctor": _doctor}
+             "doctor": _doctor, "cache": _cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -427,3 +427,22 @@ def torch_cpu():
     import torch
 
     return torch.device("cpu")
+
+
+def test_cache_info(tmp_path, capsys):
+    """`distilkit cache info DIR`: coverage (kept mass) and size of a keyed top-k cache, as text or JSON."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 30, generator=gen)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    dk.cache.write_topk(tmp_path / "c", [(torch.tensor([7, 9]), logits, keep)], k=4)
+    status, out, _ = run(capsys, "cache", "info", str(tmp_path / "c"), "--json")
+    assert status == 0
+    mass = torch.softmax(logits, -1).topk(4).values.sum(-1)[keep]  # the kept mass, from the formula
+    assert f"{100 * mass.mean().item():.2f} %" in run(capsys, "cache", "info", str(tmp_path / "c"))[1]
+    assert json.loads(out)  # (valid JSON)
+    shown = run(capsys, "cache", "info", str(tmp_path / "c"))[1]
+    assert "8 stored" in shown and "bytes/position" in shown  # 8 kept positions stored (no padding)
+    status, _, err = run(capsys, "cache", "info", str(tmp_path / "missing"))
+    assert status == 2 and err.startswith("distilkit cache info: ") and len(err.strip().splitlines()) == 1
