@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ._causal import shift_outputs
+
 __all__ = ["hf"]
 
 _API = "adapters.hf"
@@ -24,7 +26,7 @@ _LAYERED = ("hidden", "attention")
 
 
 def hf(model_output: Mapping, *, logits: str | None = "logits", hidden: str | None = "hidden_states",
-       attention: str | None = "attentions", **extra: Any) -> dict[str, Any]:
+       attention: str | None = "attentions", causal: bool = False, **extra: Any) -> dict[str, Any]:
     """Map a Hugging Face ``ModelOutput`` (or any mapping) to distilkit's output mapping.
 
     The result is a new ``dict`` (nothing is copied: the values are the model's tensors):
@@ -64,6 +66,10 @@ def hf(model_output: Mapping, *, logits: str | None = "logits", hidden: str | No
         logits, hidden, attention: the fields to read as ``"logits"``, ``"hidden"`` and ``"attention"``; e.g.
             ``hidden="decoder_hidden_states", attention="decoder_attentions"`` for the decoder of an
             encoder-decoder model; ``None`` maps nothing to that key (the field is then kept under its own name).
+        causal: a causal LM's outputs: drop the last position of the logits, hidden states and attention maps (it
+            predicts past the sequence), so that position i lines up with the next-token labels and mask of
+            :func:`~distilkit.adapters.causal` applied to the batch. Pass the output layer for the fused path as
+            ``lm_head=model.lm_head.weight`` (an ``extra`` entry).
         **extra: entries added to the result; a name that the result already has is an error.
 
     Returns:
@@ -100,7 +106,7 @@ def hf(model_output: Mapping, *, logits: str | None = "logits", hidden: str | No
             raise ValueError(f"{_API}: expected extra keys that the outputs do not already have, got {key!r}; "
                              f"the outputs have {sorted(map(str, result))}.")
         result[key] = value
-    return result
+    return shift_outputs(result) if causal else result
 
 
 def _convert(target: str, source: str, value: Any) -> Any:
