@@ -1,5 +1,6 @@
 """Run by test_distributed.py under torchrun on CPU (gloo): each rank accumulates two micro-batches with different
-numbers of valid tokens, normalised by dk.distributed.global_counts, with the student (and the spec's projections)
+numbers of valid tokens (one fully masked), normalised by dk.distributed.global_counts(..., spec=spec) (kept
+positions, labels, samples for nst and position pairs for mmd), with the student (and the spec's projections)
 wrapped by one engine — DDP, FSDP2 (``fully_shard``) or Hugging Face Accelerate — and the frozen teacher never
 wrapped. Rank 0 saves the full gradients."""
 
@@ -60,7 +61,8 @@ def main(engine: str, out_path: str) -> None:
     rows = ROWS_PER_RANK[rank]
     micro = [rows[:1], rows[1:]]
     batches = [{"attention_mask": mask[r], "labels": labels[r]} for r in micro]
-    counts = dk.distributed.global_counts(batches, masks=["attention_mask"], labels=["labels"])
+    counts = dk.distributed.global_counts(batches, spec=spec)  # every key the spec's terms need
+    assert sorted(counts) == ["attention_mask", "attention_mask@pairs", "attention_mask@samples", "labels"]
     step = dk.make_step(spec, compile=False)
     for i, (r, b) in enumerate(zip(micro, batches, strict=True)):
         with no_sync() if i == 0 else contextlib.nullcontext():  # accumulate, then reduce once

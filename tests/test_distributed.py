@@ -1,5 +1,6 @@
 """2-process runs on CPU (torchrun, gloo) with DDP, FSDP2 and Accelerate give the single-process full-batch
-gradient when the step is normalised by dk.distributed.global_counts."""
+gradient when the step is normalised by dk.distributed.global_counts — for token-wise, label, per-sample (nst) and
+pair (mmd) losses, with uneven micro-batches, one of them fully masked."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..losses import probability_shift as _probability_shift
+from ..losses._reduce import COUNT_KINDS, count_units
 from ..schedules import Schedule
 from ..schedules._temperature import AdaptiveTemperature
 from ._multi import Tasks
@@ -152,10 +153,12 @@ def _apply(term: Term, x: TermInputs, step: Tensor, params, counts: Mapping | No
         if loss.inputs == "teacher" and e.labels is not None:  # a teacher loss that also takes labels (fused)
             options["labels"] = e.labels
         args = {"teacher": (student, teacher), "labels": (student, e.labels), "student": (student,)}[loss.inputs]
-        key = _count_key(term)
+        key = count_key(term)
         if counts is not None and key in counts and loss.sum_count is not None:
             part, count = loss.sum_count(*args, **options)
-            value = _globally_normalised((_loss_of(part), count), e.mask, counts[key])
+            # the units the count is a multiple of, from the mask alone (label losses: the count itself)
+            units = count if term.mask is None else count_units(count_kind(loss), e.mask)
+            value = _globally_normalised(_loss_of(part), count, units, counts[key])
         else:
             value = _loss_of(loss(*args, **options))
         total = value if total is None else total + value  # (no 0.0 + value: forward AD would make it float64)
@@ -174,26 +177,39 @@ def _loss_of(value):
     return value.loss if isinstance(value, tuple) and hasattr(value, "loss") else value
 
 
-def _count_key(term: Term) -> str | None:
-    """The key whose global count normalises ``term``: its mask, or for label losses its labels."""
-    key = term.mask if term.mask is not None else term.labels
-    return None if key is None else key.rstrip("?")
+def count_kind(loss) -> str:
+    """The units ``loss``'s count is a constant multiple of (:data:`~distilkit.losses._reduce.COUNT_KINDS`): what its
+    function declares as ``count_kind``, else ``"tokens"`` (kept positions)."""
+    kind = getattr(loss.fn, "count_kind", "tokens")
+    if kind not in COUNT_KINDS:
+        raise ValueError(f"{loss.name}: expected its count_kind to be one of {tuple(COUNT_KINDS)}, got {kind!r}.")
+    return kind
 
 
-def _globally_normalised(sum_count: tuple[Tensor, Tensor], mask: Tensor | None, global_positions) -> Tensor:
-    """``sum / (count per kept position × global kept positions)`` — the full-batch mean's share."""
-    total, count = sum_count
-    positions = count if mask is None else (mask != 0).sum().to(total.dtype)
-    per_position = torch.where(positions > 0, count / positions.clamp_min(1), torch.ones_like(count))
-    return total / (per_position * global_positions).clamp_min(torch.finfo(total.dtype).tiny)
+def count_key(term: Term) -> str | None:
+    """The ``counts`` key whose global count normalises ``term``: its mask key, with ``@<kind>`` appended when its
+    loss counts other units than kept positions (``"attention_mask@pairs"``); for label losses its labels key."""
+    if term.mask is not None:
+        key, kind = term.mask.rstrip("?"), count_kind(term.loss)
+        return key if kind == "tokens" else f"{key}@{kind}"
+    return None if term.labels is None else term.labels.rstrip("?")
+
+
+def _globally_normalised(total: Tensor, count: Tensor, units: Tensor, global_units) -> Tensor:
+    """``sum / (count per unit × global units)`` — the full-batch mean's share. The count per unit is the same in
+    every micro-batch (a width, a number of heads, or 1), so the result sums over micro-batches (and, as DDP averages,
+    over ranks: the global units are divided by the world size) to ``Σ sum / full-batch count``."""
+    units = units.to(total.dtype)
+    per_unit = torch.where(units > 0, count / units.clamp_min(1), torch.ones_like(count))
+    return total / (per_unit * global_units).clamp_min(torch.finfo(total.dtype).tiny)
 
 
 def evaluate(spec: Spec, inputs: Mapping[str, TermInputs], step: Tensor, params=None,
              counts: Mapping[str, Any] | None = None, name_errors: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """``(loss, metrics)`` of ``spec`` on gathered inputs. Pure tensor code (compiled by the step).
 
-    ``counts`` maps a mask key to the number of kept positions of the whole optimizer step (all micro-batches,
-    divided by the data-parallel world size): terms masked by that key are normalised by it instead of locally.
+    ``counts`` maps a counts key (:func:`count_key`) to the units of the whole optimizer step (all micro-batches,
+    divided by the data-parallel world size): terms normalised by that key divide their sum by it instead of locally.
     """
     loss = None
     metrics: dict[str, Tensor] = {}
@@ -249,7 +265,12 @@ def loss_fn(spec) -> Callable[..., tuple[Tensor, Metrics]]:
         step: the optimizer step (int or 0-d tensor) at which schedules are evaluated.
         params: the projections' parameters: ``dk.init_params(spec)`` or a mapping of its tensors (as
             ``dict(params.named_parameters())`` or ``torch.func.functional_call`` give).
-        counts: global normalisation — ``{mask key: kept positions of the whole optimizer step per rank}``.
+        counts: global normalisation — ``{counts key: units of the whole optimizer step per rank}``, as
+            ``dk.distributed.global_counts(micro_batches, spec=spec)`` computes them. The key is the term's mask
+            key (kept positions), ``"<mask key>@samples"`` / ``"@pairs"`` / ``"@first"`` / ``"@rows"`` for losses
+            that average over other units (nst; attention_mse, mmd; pkd; fsp), or its labels key for label
+            losses. Every term of a spec that can be normalised must find its key (else a ``KeyError``); terms
+            without a mask or labels key are averaged over their own micro-batch.
 
     It returns the weighted total ``loss`` and ``metrics``: 0-d detached tensors ``loss`` and, per term,
     ``<name>/loss`` (unweighted), ``<name>/weight`` and ``<name>/temperature`` (logit losses).
@@ -275,12 +296,41 @@ def prepare(spec: Spec | Tasks, student_out, teacher_out, batch, step, params, c
     check_params(where, chosen.terms, params)
     if isinstance(counts, Mapping):
         every = [t for _, s in spec.specs for t in s.terms] if isinstance(spec, Tasks) else spec.terms  # any task's
-        used = {_count_key(t) for t in every if t.loss.sum_count is not None}
+        used = {count_key(t) for t in every if t.loss.sum_count is not None}
         unused = sorted(str(k) for k in counts if k not in used)
         if unused:
             raise KeyError(f"{where}: counts has keys {unused} that no term is normalised by; expected keys among "
-                           f"{sorted(k for k in used if k is not None)} (the mask= or labels= keys of the terms).")
+                           f"{sorted(k for k in used if k is not None)} (the mask= or labels= keys of the terms, "
+                           "with '@<kind>' for losses that count other units than kept positions).")
+        for term in chosen.terms:
+            check_counted(term, inputs[term.name], counts)
     return chosen, inputs, step_tensor(step, device, where), count_tensors(counts, device, where)
+
+
+def check_counted(term: Term, x: TermInputs, counts: Mapping) -> None:
+    """Refuse what global normalisation cannot make exact for ``term``: a missing counts key, a mask that counts
+    cannot describe (both ``mask=`` and ``labels=``), an optional mask absent from this batch."""
+    key = count_key(term)
+    api = f"{term.loss.name} (term '{term.name}')"
+    if key is None or term.loss.sum_count is None:
+        return  # averaged over its own micro-batch (documented)
+    if term.mask is not None and term.labels is not None and term.loss.inputs != "labels":
+        raise ValueError(f"{api}: cannot be normalised globally with both mask= and labels=: it averages over the "
+                         "positions its mask keeps *and* that have a label, which no counts key counts. Give "
+                         f"labels={term.labels!r} only (with ignore_index where {term.mask.rstrip('?')!r} drops a "
+                         f"position) and counts[{term.labels.rstrip('?')!r}].")
+    if term.mask is not None and x.mask is None:  # an optional mask ("key?") absent from this batch
+        if key in counts:
+            raise ValueError(f"{api}: its optional mask {term.mask.rstrip('?')!r} is absent from this batch, so "
+                             f"counts[{key!r}] does not count its units; put the mask in every micro-batch, or "
+                             "leave the key out of counts (the term is then averaged over its micro-batch).")
+        return
+    if key not in counts:
+        kind = "tokens" if term.mask is None else count_kind(term.loss)
+        what = "positions with a label" if term.mask is None else COUNT_KINDS[kind]
+        raise SpecKeyError(f"{api}: expected counts[{key!r}]: the {what} of the whole optimizer step (per rank), "
+                           f"which {term.loss.name} averages over; compute every key with "
+                           "dk.distributed.global_counts(micro_batches, spec=spec).")
 
 
 def tensors_of(inputs: Mapping[str, TermInputs]):

@@ -4,6 +4,11 @@ The mask ``[B, L]`` marks kept positions; a map entry ``(q, k)`` is kept when bo
 reduced over kept keys, then averaged over (batch, head, kept query). ``reduction="none"`` keeps a head dimension,
 of size 1 for ``[B, L, L]`` inputs and after ``head_reduce``. Scores must be finite: mask with a large negative
 number (as Hugging Face does with ``finfo.min``), not ``-inf``.
+
+Global normalisation (``counts=``, see :func:`~distilkit.losses._reduce.count_units`): the row losses
+(attention_kl, attention_ce, relation_kl) divide by heads × kept queries, so they count kept positions (count kind
+``tokens``); attention_mse divides by heads × kept (query, key) pairs, so it counts ``Σ_b n_b²`` (``pairs``). Both
+are exact. Zero-length maps give 0; relation_kl refuses zero-width heads.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ def attention_kl(student: Tensor, teacher: Tensor, *, mask=None, inputs: str = "
     ``inputs="logits"``: raw scores, softmax over kept keys first. ``inputs="probs"`` (Hugging Face
     ``attentions``): rows restricted to kept keys and renormalised, the student clamped below at ``eps`` before
     the log — attention dropout makes exact zeros, so distil with the student's attention dropout off.
+    Global normalisation counts kept positions (``counts[mask key]``; the count is heads × that): exact.
     """
     api = "attention_kl"
     check.choice(api, "inputs", inputs, ("probs", "logits"))
@@ -92,13 +98,14 @@ def attention_kl(student: Tensor, teacher: Tensor, *, mask=None, inputs: str = "
     return Parts((torch.xlogy(pt, pt) - pt * ps.log()).sum(-1), _queries(keep))
 
 
-@masked_loss
+@masked_loss(count="pairs")
 def attention_mse(student: Tensor, teacher: Tensor, *, mask=None, head_reduce: str | None = None) -> Parts:
     r"""MSE of attention scores over kept (query, key) pairs: ``Σ (s−t)² m_q m_k / (H · Σ_b n_b²)``.
 
     TinyBERT's attention loss (Jiao et al., 2020, arXiv:1909.10351); TextBrewer's ``att_mse_loss``, and with
     ``head_reduce="sum"`` (heads summed first, divided by ``Σ_b n_b²``) its ``att_mse_sum_loss``. Without a mask,
-    plain MSE over every entry (TextBrewer's zeroing of scores ≤ −1e-3 is not copied).
+    plain MSE over every entry (TextBrewer's zeroing of scores ≤ −1e-3 is not copied). The mean is over kept
+    pairs, so global normalisation counts ``Σ_b n_b²`` (``counts["<mask key>@pairs"]``): exact.
     """
     api = "attention_mse"
     check.choice(api, "head_reduce", head_reduce, (None, "sum"))
@@ -115,6 +122,7 @@ def attention_ce(student: Tensor, teacher: Tensor, *, mask=None, head_reduce: st
     TextBrewer's ``att_ce_loss`` (``head_reduce="mean"``: heads' scores averaged first, its ``att_ce_mean_loss``).
     Real scores already carry the model's additive padding mask, which is why the softmaxes need not exclude
     masked keys; the values at masked keys therefore do enter the normalisers (unlike :func:`attention_kl`).
+    Global normalisation counts kept positions (``counts[mask key]``; the count is heads × that): exact.
     """
     api = "attention_ce"
     check.choice(api, "head_reduce", head_reduce, (None, "mean"))
@@ -134,7 +142,8 @@ def relation_kl(student: Tensor, teacher: Tensor, *, num_heads: int, mask=None) 
 
     MiniLM / MiniLMv2 (Wang et al., 2020, arXiv:2002.10957; 2021, arXiv:2012.15828): ``X`` ``[B, L, D]`` (e.g. the
     queries, keys or values of a layer) is split into ``num_heads`` heads of width ``d = D / num_heads``; student
-    and teacher widths may differ. Averaged over (batch, relation head, kept query).
+    and teacher widths may differ. Averaged over (batch, relation head, kept query); global normalisation counts
+    kept positions (``counts[mask key]``): exact. Zero-width features are refused (heads of width 0).
     """
     api = "relation_kl"
     s, t, keep = check.sequences(api, student, teacher, mask)
@@ -145,6 +154,9 @@ def relation_kl(student: Tensor, teacher: Tensor, *, num_heads: int, mask=None) 
             raise ValueError(
                 f"{api}: expected num_heads={num_heads} to divide the {name} width, got width {x.shape[-1]}."
             )
+        if x.shape[-1] == 0:
+            raise ValueError(f"{api}: expected {name} features of width ≥ 1 (heads of width ≥ 1), got shape "
+                             f"{tuple(x.shape)}.")
     rs, rt = (_relations(x, num_heads) for x in (s, t))
     return _kl_over_kept_keys(rs, rt, keep)
 

@@ -4,6 +4,12 @@ Pair losses take a pair ``(X0, X1)`` of hidden states per model or a single tens
 masked positions reaches the result or the gradients: the student's masked positions are zeroed before any product;
 the teacher's too where they would enter a kept entry (``fsp``), while ``mmd``, whose kept entries ``(i, j)`` only read
 kept rows, selects the masked pairs of the difference out instead (the teacher has no gradient to protect).
+
+What each mean divides by, and so what global normalisation (``counts=``) counts over the whole optimizer step (see
+:func:`~distilkit.losses._reduce.count_units`): fsp every sample, kept or not (count kind ``rows``, × D0·D1); mmd the
+kept (i, j) position pairs of each sample, ``Σ_b n_b²`` (``pairs``); nst the samples with at least one kept position
+(``samples``). Each is exact. Zero-length inputs give 0; zero-width inputs give 0 (fsp) or a ``ValueError`` (mmd and
+nst divide by the width).
 """
 
 from __future__ import annotations
@@ -88,13 +94,15 @@ def _lengths(keep: Tensor | None, like: Tensor) -> Tensor | int:
     return max(like.shape[1], 1) if keep is None else keep.sum(1).to(like.dtype).clamp_min(1)[:, None, None]
 
 
-@masked_loss
+@masked_loss(count="rows")
 def fsp(student, teacher, *, mask=None) -> Parts:
     r"""Flow-of-solution-procedure loss: MSE between ``G = X0ᵀ X1 / n_b`` of student and teacher.
 
     Yim et al. (2017), "A Gift from Knowledge Distillation" (CVPR). ``G`` is ``[B, D0, D1]``, masked positions are
-    zeroed and ``n_b`` is sample b's kept length (``L`` without a mask); averaged over ``B·D0·D1``. Widths must
-    match between student and teacher (use a projection). Equals TextBrewer's ``fsp_loss``.
+    zeroed and ``n_b`` is sample b's kept length (``L`` without a mask); averaged over ``B·D0·D1``, every sample
+    counted (a fully masked one has ``G = 0``), so global normalisation counts samples, kept or not
+    (``counts["<mask key>@rows"]``): exact. Widths must match between student and teacher (use a projection).
+    Equals TextBrewer's ``fsp_loss``.
     """
     api = "fsp"
     (s0, s1), (t0, t1), keep = _hidden_pairs(api, student, teacher, mask)
@@ -110,13 +118,15 @@ def fsp(student, teacher, *, mask=None) -> Parts:
     return Parts((gs - gt).square(), None)
 
 
-@masked_loss
+@masked_loss(count="pairs")
 def mmd(student, teacher, *, mask=None) -> Parts:
     r"""MSE between token-similarity matrices ``X0 X1ᵀ / D`` over kept ``(i, j)`` pairs (``/ Σ_b n_b²``).
 
     TextBrewer's ``mmd_loss`` (its ``nst`` / ``mmd`` presets), a variant of NST (Huang & Wang, 2017,
     arXiv:1707.01219). Student and teacher widths may differ. TextBrewer 0.2.1.post1 divides the *masked* grams by
     the padded length instead of ``D``; distilkit divides by ``D`` in both cases, as its current source does.
+    The mean is over kept pairs, so global normalisation counts them (``counts["<mask key>@pairs"]``): exact.
+    Zero-width features are refused (the grams divide by ``D``).
     """
     api = "mmd"
     (s0, s1), (t0, t1), keep = _hidden_pairs(api, student, teacher, mask, mask_teacher=False)
@@ -125,6 +135,9 @@ def mmd(student, teacher, *, mask=None) -> Parts:
             raise ValueError(
                 f"{api}: expected {name}[0] and {name}[1] of the same width, got {a.shape[-1]} and {b.shape[-1]}."
             )
+        if b.shape[-1] == 0:
+            raise ValueError(f"{api}: expected {name} features of width ≥ 1 (the grams divide by the width), got "
+                             f"shape {tuple(b.shape)}.")
     # Kept (i, j) read kept rows only, so the teacher needs no zeroing: its masked pairs (NaN there included) are
     # selected out of the difference, before the square, so that its gradient is 0 there too.
     diff = _gram(s0, s1) / s1.shape[-1] - _gram(t0, t1) / t1.shape[-1]
@@ -134,7 +147,7 @@ def mmd(student, teacher, *, mask=None) -> Parts:
     return Parts(torch.where(pairs, diff, 0).square(), pairs)
 
 
-@masked_loss
+@masked_loss(count="samples")
 def nst(student: Tensor, teacher: Tensor, *, mask=None, eps: float = 1e-12) -> Parts:
     r"""Neuron Selectivity Transfer: squared MMD between the student's and teacher's neuron distributions.
 
@@ -142,9 +155,14 @@ def nst(student: Tensor, teacher: Tensor, *, mask=None, eps: float = 1e-12) -> P
     sample, each neuron (feature column) is L2-normalised over the kept positions (norms clamped at ``eps``),
     ``ŝ_j``, ``t̂_i``; then ``MMD² = ‖P_S − P_T‖²_F`` with ``P = X̂ X̂ᵀ / D``, which expands to the paper's
     ``(1/D_T²) Σ k(t̂_i, t̂_i') + (1/D_S²) Σ k(ŝ_j, ŝ_j') − (2/(D_S D_T)) Σ k(ŝ_j, t̂_i)``. Averaged over samples
-    with at least one kept position; widths may differ.
+    with at least one kept position, so global normalisation counts those (``counts["<mask key>@samples"]``):
+    exact. Widths may differ; zero-width features are refused (no neurons to compare).
     """
     s, t, keep = check.sequences("nst", student, teacher, mask)
+    for name, x in (("student", s), ("teacher", t)):
+        if x.shape[-1] == 0:
+            raise ValueError(f"nst: expected {name} features of width ≥ 1 (neurons to compare), got shape "
+                             f"{tuple(x.shape)}.")
     eps = check.positive("nst", "eps", eps, (), s)
 
     def position_gram(x: Tensor) -> Tensor:
