@@ -143,8 +143,7 @@ static void one_row(const job_t *j, int64_t r, const float *next_s, const float 
      * blocks, each also prefetching the same block of the next row, so that row's maxima read the cache, not
      * memory, and the memory traffic overlaps the arithmetic. */
     float ss = 0.0f, st = 0.0f, dot = 0.0f;
-    int infinite = 0;
-    float lost = 0.0f; /* reverse_kl: the student's mass on the infinite terms */
+    float infinite = 0.0f, lost = 0.0f; /* reverse_kl: its infinite terms, and the student's mass on them */
     const int kind = j->kind;
     for (int64_t b = 0; b < v; b += BLOCK) {
         const int64_t e = b + BLOCK < v ? b + BLOCK : v;
@@ -162,15 +161,11 @@ static void one_row(const job_t *j, int64_t r, const float *next_s, const float 
             }
         } else if (kind == KD_KL || kind == REVERSE_KL) {
             /* kd_kl: <e_T, x'_T - x'_S>; reverse_kl: <e_S, x'_S - x'_T>; 0 where the weight is 0 (-inf logits). */
-            /* reverse_kl: a term where the teacher is -inf and the student is not is +inf; it is counted in
-             * infinite and left out of the dot product (it adds nothing to the gradient: the table's rule). */
             const int rev = kind == REVERSE_KL;
             for (int64_t i = b; i < e; i++) {
                 float xs = (s[i] - ms) * it, xt = (t[i] - mt) * it, et = dk_exp(xt), es = dk_exp(xs);
                 float p = rev ? es : et, d = rev ? xs - xt : xt - xs;
-                int inf_term = rev && p > 0.0f && t[i] == -INFINITY;
-                g[i] = es; w[i] = et; bs += es; bt += et; bd += p > 0.0f && !inf_term ? p * d : 0.0f;
-                infinite |= inf_term; lost += inf_term ? es : 0.0f;
+                g[i] = es; w[i] = et; bs += es; bt += et; bd += p > 0.0f ? p * d : 0.0f;
             }
         } else {
             for (int64_t i = b; i < e; i++) {
@@ -180,6 +175,20 @@ static void one_row(const job_t *j, int64_t r, const float *next_s, const float 
         }
         ss += bs; st += bt; dot += bd;
     }
+    if (kind == REVERSE_KL && !isfinite(dot)) {
+        /* A term where the teacher is -inf and the student is not: +inf. Rare, so counted here in a second pass
+         * rather than in the sweep above: such terms are left out of the dot product (they add nothing to the
+         * gradient: the divergence table's rule), and the student's mass on them is kept for the finite part. */
+        dot = 0.0f;
+        for (int64_t i = 0; i < v; i++) {
+            if (g[i] <= 0.0f) continue;
+            if (t[i] == -INFINITY) {
+                infinite += 1.0f; lost += g[i];
+            } else {
+                dot += g[i] * ((s[i] - ms) * it - (t[i] - mt) * it);
+            }
+        }
+    }
     const float lss = logf(ss), lst = logf(st), rs = 1.0f / ss, rt = 1.0f / st;
     float row;
     if (kind == KD_CE || kind == KD_KL) {
@@ -187,12 +196,16 @@ static void one_row(const job_t *j, int64_t r, const float *next_s, const float 
         row = kind == KD_CE ? lss - dot * rt : dot * rt - lst + lss;
         FINAL(gs * (g[i] * rs - w[i] * rt));
     } else if (kind == REVERSE_KL) {
-        const float finite_row = dot * rs + (lst - lss) * (infinite ? (ss - lost) * rs : 1.0f);
-        row = infinite ? INFINITY : finite_row;
+        const float finite_row = dot * rs + (lst - lss) * (infinite > 0.0f ? (ss - lost) * rs : 1.0f);
+        row = infinite > 0.0f ? INFINITY : finite_row;
         const float c = lst - lss - finite_row; /* grad = p_S (log p_S - log p_T - row) over the finite terms */
         /* 0 where p_S = 0 (a -inf student logit would give 0 * -inf); an infinite term's log-ratio counts as 0. */
-        FINAL(g[i] > 0.0f ? gs * (g[i] * rs) * (t[i] == -INFINITY ? -finite_row : (s[i] - ms - (t[i] - mt)) * it + c)
-                          : 0.0f);
+        if (infinite > 0.0f) { /* (rare) */
+            FINAL(g[i] > 0.0f ? gs * (g[i] * rs) * (t[i] == -INFINITY ? -finite_row : (s[i] - ms - (t[i] - mt)) * it
+                                                                                      + c) : 0.0f);
+        } else {
+            FINAL(g[i] > 0.0f ? gs * (g[i] * rs) * ((s[i] - ms - (t[i] - mt)) * it + c) : 0.0f);
+        }
     } else {
         /* tvd / jsd / skew_kl: rows and a = d row / d p_S in one more sweep (a kept in w), then
          * grad = p_S (a - <p_S, a>). */
