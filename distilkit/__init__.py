@@ -34,7 +34,7 @@ _NAMES = {
                 "proj", "pseudo_label_ce", "register_loss", "relation_kl", "reverse_kl", "sampled_kl", "skew_kl",
                 "sparse_jsd",
                 "sparse_kd_ce", "sparse_kd_kl", "sparse_reverse_kl", "sparse_skew_kl", "sparse_tvd", "task_sampler",
-                "tasks", "tvd"),
+                "tasks", "tvd", "uld"),
     "config": ("ConfigError", "SpecConfig", "TasksConfig", "from_config", "from_textbrewer", "to_config"),
     "losses": ("TopK", "probability_shift"),
     "step": ("NonFiniteError", "Step", "StepOutput", "make_step"),
@@ -105,6 +105,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, the API docs) see; 
     from .algebra import task_sampler as task_sampler
     from .algebra import tasks as tasks
     from .algebra import tvd as tvd
+    from .algebra import uld as uld
     from .config import ConfigError as ConfigError
     from .config import SpecConfig as SpecConfig
     from .config import TasksConfig as TasksConfig

@@ -46,6 +46,7 @@ __all__ = [
     "sampled_kl",
     "skew_kl",
     "tvd",
+    "uld",
 ]
 
 
@@ -295,6 +296,28 @@ def sampled_kl(s, t, *, estimator="k2", mask=None):
         else:
             term = torch.exp(log_r) - 1 - log_r
         total = total + term
+        n += 1
+    return total, float(n)
+
+
+def uld(s, t, *, temperature=1.0, mask=None):
+    """Σ_kept rows Σ_i |sorted(p_S)_i − sorted(p_T)_i| (descending, the shorter vocabulary padded with zeros),
+    p = softmax(z / T); count = #kept rows (Boizard et al., 2024)."""
+    s = _student(s)
+    t = _teacher(t)
+    lead = s.shape[:-1]
+    s_rows, t_rows = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+    keep = _keep(mask, lead).reshape(-1)
+    T = _temperatures(temperature, lead, s.device)
+    total = _zero(s)
+    n = 0
+    for r in _kept(keep):
+        ps = sorted(torch.softmax(s_rows[r] / T[r], 0).unbind(), key=lambda x: -float(x))
+        pt = sorted(torch.softmax(t_rows[r] / T[r], 0).tolist(), reverse=True)
+        for i in range(max(len(ps), len(pt))):
+            a = ps[i] if i < len(ps) else _zero(s)
+            b = pt[i] if i < len(pt) else 0.0
+            total = total + (a - b).abs()
         n += 1
     return total, float(n)
 
@@ -621,6 +644,7 @@ REFERENCES: dict[str, Callable[..., tuple[torch.Tensor, float]]] = {
     "prob_mse": prob_mse,
     "pseudo_label_ce": pseudo_label_ce,
     "sampled_kl": sampled_kl,
+    "uld": uld,
     "hard_ce": hard_ce,
     "hidden_mse": hidden_mse,
     "cosine": cosine,

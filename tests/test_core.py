@@ -59,6 +59,7 @@ def one_term_cases():
         cases.append((name, getattr(dk, name).on("logits", mask="mask"), lg, sparse_teacher, batch))
     cases.append(("hard_ce", dk.hard_ce.on("logits"), lg, lg, batch))
     cases.append(("pseudo_label_ce", dk.pseudo_label_ce.on("logits", mask="mask"), lg, lg, batch))
+    cases.append(("uld", dk.uld.on("logits", mask="mask"), lg, lg, batch))
     lp = {"logprobs": -r(2, 5).exp()}
     cases.append(("sampled_kl", dk.sampled_kl.on("logprobs", mask="mask", estimator="k3"), lp, lp, batch))
     for name in ("hidden_mse", "cosine", "pkd", "nst"):

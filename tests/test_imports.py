@@ -29,7 +29,7 @@ EXPORTED = [
     "loss_fn", "losses", "make_step", "mmd", "nst", "pkd", "precomputed", "prob_mse", "probability_shift", "proj",
     "pseudo_label_ce", "register_loss", "relation_kl", "reverse_kl", "sampled_kl", "schedules", "skew_kl", "sparse_jsd",
     "sparse_kd_ce", "sparse_kd_kl", "sparse_reverse_kl", "sparse_skew_kl", "sparse_tvd", "step", "task_sampler",
-    "tasks", "temperature", "tensorboard", "to_config", "tvd",
+    "tasks", "temperature", "tensorboard", "to_config", "tvd", "uld",
 ]
 
 

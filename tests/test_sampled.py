@@ -65,3 +65,18 @@ def test_errors_and_masking():
     value = dk.sampled_kl(x, t_bad, mask=mask, estimator="k3")
     (grad,) = torch.autograd.grad(value, x)
     assert value.isfinite() and grad.isfinite().all() and grad[1, 2] == 0
+
+
+# ------------------------------------------------------------------------------ ULD (cross-tokenizer), the formula
+def test_uld_ignores_which_token_gets_the_mass():
+    """ULD compares sorted probabilities: permuting a vocabulary, or adding classes of zero probability, changes
+    nothing; a different shape of distribution does (Boizard et al., 2024)."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(4, 6, generator=g, dtype=F64), torch.randn(4, 9, generator=g, dtype=F64)
+    base = dk.uld(s, t)
+    torch.testing.assert_close(dk.uld(s[:, torch.randperm(6, generator=g)], t[:, torch.randperm(9, generator=g)]),
+                               base)
+    padded = torch.cat([t, torch.full((4, 3), -torch.inf, dtype=F64)], -1)  # three more classes of probability 0
+    torch.testing.assert_close(dk.uld(s, padded), base)
+    assert dk.uld(s, s).item() == 0.0
+    assert dk.uld(s, 3 * s) > 0.05  # sharper teacher: another shape

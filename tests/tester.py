@@ -195,6 +195,11 @@ def hidden_pairs(d0: int, d1: int, d0_t: int | None = None, d1_t: int | None = N
     )
 
 
+def logits_two_vocabularies(*lead: int, v_s: int, v_t: int) -> Callable:
+    """Student and teacher logits over vocabularies of different sizes (cross-tokenizer losses)."""
+    return lambda g: (_randn(g, *lead, v_s, scale=2.0), _randn(g, *lead, v_t, scale=2.0))
+
+
 def logprobs_pair(*shape: int) -> Callable:
     """Per-token log-probabilities of sampled tokens (≤ 0), student and teacher."""
     return lambda g: (-_randn(g, *shape).exp(), -_randn(g, *shape).exp())
@@ -225,6 +230,8 @@ CASES: list[Case] = [
     Case("prob_mse-2d", "prob_mse", logits_pair(B, V), (B,), ROW, logits=True),
     Case("pseudo_label_ce", "pseudo_label_ce", logits_pair(B, L, V), logits=True),
     Case("hard_ce", "hard_ce", logits_and_labels, logits=True, labels=True),
+    Case("uld", "uld", logits_two_vocabularies(B, L, v_s=V, v_t=V + 3), options={"temperature": 2.0}, logits=True),
+    Case("uld-2d-smaller-teacher", "uld", logits_two_vocabularies(B, v_s=V, v_t=V - 2), (B,), ROW, logits=True),
     Case("sampled_kl-k1", "sampled_kl", logprobs_pair(B, L), options={"estimator": "k1"}),
     Case("sampled_kl-k2", "sampled_kl", logprobs_pair(B, L)),
     Case("sampled_kl-k3", "sampled_kl", logprobs_pair(B, L), options={"estimator": "k3"}),

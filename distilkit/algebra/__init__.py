@@ -42,6 +42,7 @@ from ._loss import sparse_reverse_kl as sparse_reverse_kl
 from ._loss import sparse_skew_kl as sparse_skew_kl
 from ._loss import sparse_tvd as sparse_tvd
 from ._loss import tvd as tvd
+from ._loss import uld as uld
 from ._multi import Tasks as Tasks
 from ._multi import ensemble as ensemble
 from ._multi import task_sampler as task_sampler

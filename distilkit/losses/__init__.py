@@ -47,6 +47,7 @@ from ._precomputed import precomputed as precomputed
 from ._reduce import Reduction as Reduction
 from ._sampled import sampled_kl as sampled_kl
 from ._sparse import TopK as TopK
+from ._uld import uld as uld
 
 __all__ = [
     "Reduction",
@@ -87,4 +88,5 @@ __all__ = [
     "sparse_skew_kl",
     "sparse_tvd",
     "tvd",
+    "uld",
 ]
