@@ -36,6 +36,7 @@ from torch.utils import _pytree as pytree
 from .algebra._evaluate import evaluate, loss_fn, prepare, tensors_of
 from .algebra._multi import Tasks
 from .algebra._term import Spec, as_spec
+from .losses import _checks as check
 
 
 class NonFiniteError(ValueError):
@@ -97,7 +98,8 @@ class Step:
             self._validated.add(signature)
         lifted, core = self._core(spec, inputs, step_t.device)
         try:
-            return core(lifted, inputs, step_t, params, counts_t)
+            with check.graph_asserts():  # (value checks asserted in the graph: a bad later batch is named below)
+                return core(lifted, inputs, step_t, params, counts_t)
         except Exception:
             # A shape the validation did not see (it is keyed on ranks): the eager evaluation names the problem.
             _validate(spec, inputs, step_t, params, counts_t)

@@ -11,6 +11,7 @@ Messages follow ``<api>: expected <what>, got <value>.`` so that the algebra lay
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -79,14 +80,32 @@ def eager_check(api: str, ok: Tensor, message: str | Callable[[], str]) -> None:
         raise ValueError(f"{api}: {message() if callable(message) else message}")
 
 
+_GRAPH_ASSERTS = {"on": False}
+
+
+@contextlib.contextmanager
+def graph_asserts():
+    """Within the block, :func:`graph_check` also asserts inside compiled code: ``dk.make_step`` wraps its compiled
+    core in it (a graph of plain tensors). Outside, compiled code may hold ``torch.func`` transforms (a user's
+    ``torch.compile(vmap(grad(...)))``), which ``torch._assert_async`` does not support, so it asserts nothing
+    there."""
+    before, _GRAPH_ASSERTS["on"] = _GRAPH_ASSERTS["on"], True
+    try:
+        yield
+    finally:
+        _GRAPH_ASSERTS["on"] = before
+
+
 def graph_check(api: str, ok: Tensor, message: str) -> None:
-    """:func:`eager_check`, and where values cannot be read without a sync (compiled code, accelerators) an
-    asynchronous assertion in the graph (``torch._assert_async``: a ``RuntimeError`` with this message on the CPU, a
-    device-side assertion on accelerators). For checks whose failure would otherwise surface as a raw indexing
-    error (labels out of range)."""
+    """:func:`eager_check`, and where values cannot be read without a sync an asynchronous assertion
+    (``torch._assert_async``: a ``RuntimeError`` with this message on the CPU, a device-side assertion on
+    accelerators): in eager code on accelerators, and inside ``dk.make_step``'s compiled core (see
+    :func:`graph_asserts`). For checks whose failure would otherwise surface as a raw indexing error (labels out of
+    range) or pass silently (a fractional float mask)."""
     if values_readable(ok):
         eager_check(api, ok, message)
-    elif not in_transform():
+    elif _GRAPH_ASSERTS["on"] or (ok.device.type != "cpu" and not torch.compiler.is_compiling()
+                                  and not in_transform()):
         torch._assert_async(ok.all(), f"{api}: {message}")
 
 
