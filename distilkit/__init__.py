@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0.dev0"
 
 #: the submodules that ``distilkit.<name>`` exposes, imported on first access.
-_MODULES = ("adapters", "algebra", "backends", "cache", "config", "distributed", "losses", "schedules", "step",
-            "temperature", "tensorboard")
+_MODULES = ("adapters", "algebra", "backends", "cache", "config", "distributed", "integrations", "losses",
+            "schedules", "step", "temperature", "tensorboard")
 #: the names re-exported from each submodule, imported (with their submodule) on first access.
 _NAMES = {
     "algebra": ("Loss", "Spec", "SpecKeyError", "Tasks", "Term", "attention_ce", "attention_kl", "attention_mse",
@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, IDEs, the API docs) see; 
     from . import cache as cache
     from . import config as config
     from . import distributed as distributed
+    from . import integrations as integrations
     from . import losses as losses
     from . import schedules as schedules
     from . import step as step
