@@ -4,6 +4,7 @@ batch computed by hand."""
 
 from __future__ import annotations
 
+import lightning  # (a dev dependency: missing, this file fails rather than skips)
 import pytest
 import torch
 
@@ -105,3 +106,52 @@ def test_without_the_global_count_the_step_differs(tmp_path):
                   data_collator=dk.integrations.with_shift_labels(_collate)).train()
         results.append(student.transformer.wte.weight.detach().clone())
     assert not torch.allclose(results[0], results[1], rtol=1e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- Lightning
+
+
+class DistilModule(lightning.LightningModule):
+    """The docs' recipe (docs/llm.md, "Lightning"): the teacher in eval mode, the step's loss with the batch's counts
+    all-reduced over the processes (exact under DDP)."""
+
+    def __init__(self, student, teacher, spec, lr):
+        super().__init__()
+        self.student, self.teacher, self.lr = student, teacher.eval().requires_grad_(False), lr
+        self.spec, self.step_fn = spec, dk.make_step(spec, compile=False)
+
+    def training_step(self, batch, batch_idx):
+        feed = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            t = dk.adapters.hf(self.teacher(**feed), causal=True)
+        s = dk.adapters.hf(self.student(**feed), causal=True)
+        shifted = dk.adapters.causal(batch)
+        counts = dk.distributed.global_counts([shifted], spec=self.spec)
+        return self.step_fn(s, t, shifted, step=self.global_step, counts=counts).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.student.parameters(), lr=self.lr)
+
+
+def test_a_lightning_step_equals_the_formula(tmp_path):
+    teacher, student, reference = _model(0), _model(1), _model(1)
+    data = [{"ids": x} for x in _examples()]
+    loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=_collate)
+    trainer = lightning.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(DistilModule(student, teacher, _spec(), lr=0.5), loader)
+    batch = _collate(data)
+    feed = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        t = dk.adapters.hf(teacher(**feed), causal=True)
+    loss = dk.make_step(_spec(), compile=False)(dk.adapters.hf(reference(**feed), causal=True), t,
+                                                dk.adapters.causal(batch)).loss
+    loss.backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+    for (name, got), want in zip(student.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert not torch.equal(student.transformer.wte.weight, _model(1).transformer.wte.weight)
