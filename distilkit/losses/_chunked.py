@@ -90,16 +90,23 @@ def _body(kind: str, zs: Tensor, zt: Tensor, temp, factor, param, t2_scale: bool
     return rows, grad
 
 
-def values_only(kind: str, student: Tensor, teacher: Tensor, temp, keep, param, t2_scale: bool,
-                chunk: int) -> Tensor:
-    """The rows ``[N]`` of ``kind`` chunk by chunk, without any gradient (nothing computed, nothing kept)."""
+def chunk_loop(kind: str, student: Tensor, teacher: Tensor, temp, keep, param, t2_scale: bool, chunk: int,
+               grad: Tensor | None = None, divisor: Tensor | None = None) -> Tensor:
+    """The rows ``[N]`` of ``kind``, chunk by chunk; with ``grad`` (an ``[N, V]`` buffer) also ``T²/T · ∂row/∂x_S``
+    (divided by ``divisor``) written into it. Without, no gradient is computed at all."""
     n = student.shape[0]
     rows = torch.empty(n, dtype=compute_dtype(student), device=student.device)
     for i in range(0, n, chunk):
         j = min(i + chunk, n)
         t_c = temp[i:j].unsqueeze(-1) if isinstance(temp, Tensor) and temp.ndim else temp
-        rows[i:j] = chunk_body(kind, student[i:j], teacher[i:j], t_c, None, param, t2_scale,
-                               None if keep is None else keep[i:j])[0]
+        factor = None
+        if grad is not None:
+            factor = t_c if t2_scale else 1.0 / t_c  # T²/T or 1/T
+            factor = factor if divisor is None else factor / divisor
+        rows[i:j], g = chunk_body(kind, student[i:j], teacher[i:j], t_c, factor, param, t2_scale,
+                                  None if keep is None else keep[i:j])
+        if grad is not None:
+            grad[i:j] = g
     return rows
 
 
@@ -173,8 +180,6 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, temp, keep, divisor, kind: str, param, t2_scale: bool,
                 chunk: int, per_row: bool):
-        n, _ = student.shape
-        dtype = compute_dtype(student)
         if _cpu_kernel.usable(student, teacher):
             grad, reused = _cpu_kernel.gradient_buffer(student)
             scale = None if divisor is None else divisor.reciprocal()
@@ -182,17 +187,8 @@ class _ChunkedDivergence(torch.autograd.Function):
             ctx.save_for_backward(grad)
             return finish_rows(rows_out, per_row, divisor)
         grad = torch.empty_like(student, memory_format=torch.contiguous_format)
-        rows_out = torch.empty(n, dtype=dtype, device=student.device)
-        for i in range(0, n, chunk):
-            j = min(i + chunk, n)
-            t_c = temp[i:j].to(dtype).unsqueeze(-1) if isinstance(temp, Tensor) and temp.ndim else temp
-            factor = t_c if t2_scale else 1.0 / t_c  # T²/T or 1/T
-            if divisor is not None:
-                factor = factor / divisor
-            rows_out[i:j], grad[i:j] = chunk_body(kind, student[i:j], teacher[i:j], t_c, factor, param, t2_scale,
-                                                  None if keep is None else keep[i:j])
+        rows_out = chunk_loop(kind, student, teacher, temp, keep, param, t2_scale, chunk, grad, divisor)
         ctx.save_for_backward(grad)
-        ctx.per_row = per_row
         return finish_rows(rows_out, per_row, divisor)
 
     @staticmethod
@@ -256,7 +252,7 @@ def _divergence(api: str, kind: str, student, teacher, temperature, mask, t2_sca
              else keep.sum().to(dtype))
     divisor = count.clamp_min(1) if mode == "mean" else None
     if not (torch.is_grad_enabled() and s.requires_grad):  # no gradient wanted: none computed, none kept
-        rows = values_only(kind, s2, t2, temp, keep, param, bool(t2_scale), chunk)
+        rows = chunk_loop(kind, s2, t2, temp, keep, param, bool(t2_scale), chunk)
         total = rows.reshape(lead) if mode == "none" else finish_rows(rows, False, divisor)
     elif mode == "none":
         return _ChunkedDivergence.apply(s2, t2, temp, keep, None, kind, param, bool(t2_scale), chunk,

@@ -136,6 +136,21 @@ class _Chunks:
                                 None if self.keep is None else self.keep[i:j])
         return rows, grad, zs
 
+    def rows_and_parts(self, scale, grads: tuple | None = None) -> tuple[Tensor, Tensor]:
+        """Every chunk: the rows ``[N]`` and, with labels, the parts ``[3, N]`` (divergence, cross-entropy, label
+        log-probabilities; ``[0, N]`` without); each chunk's gradient folded into ``grads`` = ``(g_hs, g_ws, g_bs)``
+        when given."""
+        rows_out = torch.empty(self.n, dtype=self.dtype, device=self.hs.device)
+        parts = torch.zeros(3 if self.labels is not None else 0, self.n, dtype=self.dtype, device=self.hs.device)
+        for i, j in self.ranges():
+            rows, grad, hard = self.logits_grad(i, j, scale)
+            rows_out[i:j] = rows
+            if hard is not None:
+                parts[:, i:j] = torch.stack(hard)
+            if grads is not None:
+                self.accumulate(i, j, grad, *grads)
+        return rows_out, parts
+
     def accumulate(self, i, j, grad, g_hs, g_ws, g_bs):
         """Fold the logits' gradient of rows ``i:j`` into the parameter and hidden-state gradients."""
         if g_hs is None and g_ws is None and g_bs is None:
@@ -148,6 +163,15 @@ class _Chunks:
             g_ws[: self.vocab].addmm_(grad.t().to(g_ws.dtype), h.to(g_ws.dtype))  # (dropped rows' values: 0, not 0·inf)
         if g_bs is not None:
             g_bs[: self.vocab] += grad.sum(0).to(g_bs.dtype)
+
+
+def _reduced(rows: Tensor, parts: Tensor, per_row: bool, divisor: Tensor | None):
+    """``(loss, kd, ce, token log-probabilities)`` from :meth:`_Chunks.rows_and_parts`, reduced as asked (kd and ce
+    empty without labels)."""
+    if not len(parts):
+        return finish_rows(rows, per_row, divisor), rows[:0].clone(), rows[:0].clone(), parts
+    kd, ce = (finish_rows(parts[k], per_row, divisor) for k in (0, 1))
+    return finish_rows(rows, per_row, divisor), kd, ce, parts[2]
 
 
 def _grad_buffers(needs, hs, ws, bs):
@@ -168,19 +192,11 @@ class _FusedLinearKD(torch.autograd.Function):
         ctx.args = (kind, param, t2_scale, vocab, chunk, ce_weight)
         ctx.per_row, ctx.recompute = per_row, recompute
         work = _Chunks(hs, ws, bs, ht, wt, bt, temp, keep, kind, param, t2_scale, vocab, chunk, labels, ce_weight)
-        rows_out = torch.empty(work.n, dtype=work.dtype, device=hs.device)
-        parts = torch.zeros(3 if labels is not None else 0, work.n, dtype=work.dtype, device=hs.device)
         scale = None if divisor is None else 1.0 / divisor
         g_hs = g_ws = g_bs = None
         if not recompute:
             g_hs, g_ws, g_bs = _grad_buffers(ctx.needs_input_grad[:3], hs, ws, bs)
-        for i, j in work.ranges():
-            rows, grad, hard = work.logits_grad(i, j, scale)
-            rows_out[i:j] = rows
-            if hard is not None:
-                parts[:, i:j] = torch.stack(hard)
-            if not recompute:
-                work.accumulate(i, j, grad, g_hs, g_ws, g_bs)
+        rows_out, parts = work.rows_and_parts(scale, None if recompute else (g_hs, g_ws, g_bs))
         if recompute:
             ctx.save_for_backward(hs, ws, bs, ht, wt, bt, temp if isinstance(temp, Tensor) else None, keep, divisor,
                                   labels)
@@ -190,12 +206,9 @@ class _FusedLinearKD(torch.autograd.Function):
             g_bs = None if g_bs is None else g_bs.to(bs.dtype)
             ctx.save_for_backward(g_hs, g_ws, g_bs)
         del work
-        kd, ce = (finish_rows(parts[k], per_row, divisor) if labels is not None else None for k in (0, 1))
-        logp = parts[2] if labels is not None else parts
-        extra = (torch.zeros_like(rows_out[:0]) if kd is None else kd,
-                 torch.zeros_like(rows_out[:0]) if ce is None else ce, logp)
+        total, *extra = _reduced(rows_out, parts, per_row, divisor)
         ctx.mark_non_differentiable(*extra)
-        return (finish_rows(rows_out, per_row, divisor), *extra)
+        return (total, *extra)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -363,20 +376,11 @@ def fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
         # no gradient wanted: the rows (and parts) only, nothing computed or kept for a backward
         work = _Chunks(hs2, ws, bs, ht2, wt, bt, temp, keep, kind, param, bool(t2_scale), vocab, chunk, flat,
                        ce_weight, want_grad=False)
-        rows, parts = [], []
-        for i, j in work.ranges():
-            r, _, hard = work.logits_grad(i, j, None)
-            rows.append(r)
-            parts.append(torch.stack(hard) if hard is not None else r.new_zeros(0, j - i))
-        rows_all, parts_all = torch.cat(rows) if rows else hs2.new_zeros(0), torch.cat(parts, -1) if parts else None
-        total = rows_all.reshape(lead) if per_row else finish_rows(rows_all, False, divisor)
-        if labels is None:
-            return _result(total, count, mode, None, None, None, None)
-        kd, ce = ((parts_all[k].reshape(lead) if per_row else finish_rows(parts_all[k], False, divisor))
-                  for k in (0, 1))
-        return _result(total, count, mode, labels, kd, ce, parts_all[2].reshape(lead) if token_logprobs else None)
-    total, kd, ce, logp = _FusedLinearKD.apply(hs2, ws, bs, ht2, wt, bt, temp, keep, divisor, flat, ce_weight, kind,
-                                               param, bool(t2_scale), vocab, chunk, per_row, per_row or bool(recompute))
+        total, kd, ce, logp = _reduced(*work.rows_and_parts(None), per_row, divisor)
+    else:
+        total, kd, ce, logp = _FusedLinearKD.apply(hs2, ws, bs, ht2, wt, bt, temp, keep, divisor, flat, ce_weight,
+                                                   kind, param, bool(t2_scale), vocab, chunk, per_row,
+                                                   per_row or bool(recompute))
     if per_row:
         total, kd, ce = (x.reshape(lead) if x.numel() else x for x in (total, kd, ce))
     return _result(total, count, mode, labels, kd, ce, logp.reshape(lead) if token_logprobs else None)
