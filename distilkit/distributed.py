@@ -48,6 +48,7 @@ from torch import Tensor
 from .algebra._evaluate import count_key as _count_key
 from .algebra._evaluate import count_kind as _count_kind
 from .algebra._multi import Tasks as _Tasks
+from .algebra._multi import terms_of as _terms_of
 from .algebra._term import as_spec as _as_spec
 from .losses._reduce import COUNT_KINDS as _KINDS
 from .losses._reduce import count_units as _count_units
@@ -89,7 +90,7 @@ def _parse_mask_key(key: object) -> tuple[str, str]:
 def _spec_requests(spec, ignore_index: int) -> dict[str, _Request]:
     """The counts keys every term of ``spec`` (of every task) is normalised by."""
     spec = spec if isinstance(spec, _Tasks) else _as_spec(spec, _API)
-    terms = [t for _, s in spec.specs for t in s.terms] if isinstance(spec, _Tasks) else spec.terms
+    terms = _terms_of(spec)
     requests: dict[str, _Request] = {}
     for term in terms:
         key = _count_key(term)

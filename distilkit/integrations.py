@@ -27,6 +27,8 @@ from torch import nn
 
 from .adapters import causal as causal_batch
 from .adapters import hf
+from .algebra._evaluate import count_key
+from .algebra._multi import terms_of
 from .step import make_step
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
@@ -55,8 +57,7 @@ def trainer_compute_loss(spec, teacher: nn.Module, *, compile: bool | str = Fals
         count_keys: the spec keys that ``num_items_in_batch`` counts.
     """
     step = make_step(spec, compile=compile)
-    specs = [spec for _, spec in step.spec.specs] if hasattr(step.spec, "specs") else [step.spec]  # (dk.tasks)
-    used = {key for one in specs for term in one.terms for key in (term.mask, term.labels) if key is not None}
+    used = {count_key(t) for t in terms_of(step.spec) if t.loss.sum_count is not None}  # (what the step normalises)
     counted = [key for key in count_keys if key in used]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

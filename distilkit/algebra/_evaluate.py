@@ -17,7 +17,7 @@ from ..losses import probability_shift as _probability_shift
 from ..losses._reduce import COUNT_KINDS, count_units
 from ..schedules import Schedule
 from ..schedules._temperature import AdaptiveTemperature
-from ._multi import Tasks
+from ._multi import Tasks, terms_of
 from ._proj import check_params
 from ._term import Spec, SpecKeyError, Term, _is_pair, as_spec
 
@@ -295,8 +295,7 @@ def prepare(spec: Spec | Tasks, student_out, teacher_out, batch, step, params, c
     device = input_device(inputs)
     check_params(where, chosen.terms, params)
     if isinstance(counts, Mapping):
-        every = [t for _, s in spec.specs for t in s.terms] if isinstance(spec, Tasks) else spec.terms  # any task's
-        used = {count_key(t) for t in every if t.loss.sum_count is not None}
+        used = {count_key(t) for t in terms_of(spec) if t.loss.sum_count is not None}  # any task's
         unused = sorted(str(k) for k in counts if k not in used)
         if unused:
             raise KeyError(f"{where}: counts has keys {unused} that no term is normalised by; expected keys among "

@@ -19,6 +19,10 @@ from ..schedules._schedule import tree_equal, tree_hash
 from ._term import Spec, Term, as_spec
 
 
+def terms_of(spec: Spec | Tasks) -> tuple[Term, ...]:
+    """Every term of ``spec``, or of every task of a ``dk.tasks`` (a term in several tasks once per task)."""
+    return tuple(t for _, s in spec.specs for t in s.terms) if isinstance(spec, Tasks) else tuple(spec.terms)
+
 @dataclass(frozen=True, eq=False)
 class Tasks:
     """One spec per task; ``batch[key]`` (a str) says which applies. Build with :func:`tasks`. A pytree whose
