@@ -346,7 +346,7 @@ def test_hard_labels_as_a_term_of_a_spec_with_global_counts(fused_loss):
 
 def test_hard_labels_errors():
     hs, ws, _, ht, wt, _, _ = _inputs(27)
-    with pytest.raises(TypeError, match="fused_linear_kd: expected integer labels"):
+    with pytest.raises(TypeError, match="fused_linear_kd: expected integer class labels"):
         fused_linear_kd(hs, ws, ht, wt, labels=torch.zeros(B, L))
     with pytest.raises(ValueError, match=r"fused_linear_kd: expected labels of shape \(2, 7\)"):
         fused_linear_kd(hs, ws, ht, wt, labels=torch.zeros(B, L + 1, dtype=torch.long))

@@ -109,6 +109,29 @@ def graph_check(api: str, ok: Tensor, message: str) -> None:
         torch._assert_async(ok.all(), f"{api}: {message}")
 
 
+def integer_labels(api: str, labels: object) -> Tensor:
+    """``labels`` as an integer class-label tensor (a ``TypeError`` otherwise)."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{api}: expected labels to be a torch.Tensor, got {type(labels).__name__}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{api}: expected integer class labels, got dtype {labels.dtype}.")
+    return labels
+
+
+def labels(api: str, value: object, lead_shape: tuple[int, ...], num_classes: int, ignore_index: int, whose: str,
+           **like: Tensor) -> Tensor:
+    """Integer class labels of exactly ``lead_shape`` (``whose`` leading shape), on the device of ``like`` (one
+    named tensor), each in ``[0, num_classes)`` or equal to ``ignore_index`` (checked in the graph too)."""
+    value = integer_labels(api, value)
+    if tuple(value.shape) != tuple(lead_shape):
+        raise ValueError(f"{api}: expected labels of shape {tuple(lead_shape)} ({whose} leading shape), got "
+                         f"{tuple(value.shape)}.")
+    same_device(api, **like, labels=value)
+    graph_check(api, (value == ignore_index) | ((value >= 0) & (value < num_classes)),
+                f"expected labels in [0, {num_classes}) or equal to ignore_index={ignore_index}.")
+    return value
+
+
 def mask(api: str, m: object, lead_shape: tuple[int, ...], like: Tensor) -> Tensor | None:
     """A boolean keep-mask of exactly ``lead_shape`` (nonzero = keep), or ``None``."""
     if m is None:

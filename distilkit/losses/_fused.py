@@ -353,7 +353,8 @@ def fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
     lead = tuple(hs.shape[:-1])
     if token_logprobs and labels is None:
         raise ValueError(f"{api}: token_logprobs=True needs labels (the tokens whose log-probabilities to return).")
-    labels = _labels(api, labels, lead, hs, ignore_index, vocab)
+    if labels is not None:
+        labels = check.labels(api, labels, lead, vocab, ignore_index, "the hidden states'", student_hidden=hs)
     if isinstance(ce_weight, Tensor) and ce_weight.requires_grad:
         raise TypeError(f"{api}: expected ce_weight not to require grad (it gets none), got a tensor that does.")
     if labels is not None:
@@ -406,22 +407,6 @@ def _divergence_name(api: str, divergence: str, loss: str | None) -> str:
     if divergence not in KINDS:
         raise ValueError(f"{api}: expected divergence to be one of {KINDS}, got {divergence!r}.")
     return divergence
-
-
-def _labels(api: str, labels, lead: tuple, like: Tensor, ignore_index: int, vocab: int):
-    if labels is None:
-        return None
-    if (not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex()
-            or labels.dtype == torch.bool):
-        got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
-        raise TypeError(f"{api}: expected integer labels, got {got}.")
-    if tuple(labels.shape) != lead:
-        raise ValueError(f"{api}: expected labels of shape {lead} (the hidden states' leading shape), got "
-                         f"{tuple(labels.shape)}.")
-    check.same_device(api, student_hidden=like, labels=labels)
-    check.graph_check(api, (labels == ignore_index) | ((labels >= 0) & (labels < vocab)),
-                      f"expected labels in [0, {vocab}) or equal to ignore_index={ignore_index}.")
-    return labels
 
 
 def _unfused(kind, hs, ws, bs, ht, wt, bt, vocab, labels, ignore_index, ce_weight, token_logprobs, mode, options):

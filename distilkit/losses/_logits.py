@@ -168,21 +168,10 @@ def hard_ce(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Part
     """
     api = "hard_ce"
     z = check.floating(api, "logits", logits)
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"{api}: expected labels to be a torch.Tensor, got {type(labels).__name__}.")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{api}: expected integer class labels, got dtype {labels.dtype}.")
+    check.integer_labels(api, labels)  # (before the logits' rank, as the labels are the likelier mistake)
     check.rank(api, "logits", z, range(1, 64), "[..., V]")
-    if tuple(labels.shape) != tuple(z.shape[:-1]):
-        raise ValueError(
-            f"{api}: expected labels of shape {tuple(z.shape[:-1])} (the logits' leading shape), "
-            f"got {tuple(labels.shape)}."
-        )
-    check.same_device(api, logits=z, labels=labels)
+    check.labels(api, labels, z.shape[:-1], z.shape[-1], ignore_index, "the logits'", logits=z)
     keep = labels != ignore_index
-    num_classes = z.shape[-1]
-    check.graph_check(api, ~keep | ((labels >= 0) & (labels < num_classes)),
-                      f"expected labels in [0, {num_classes}) or equal to ignore_index={ignore_index}.")
     safe = torch.where(keep, labels, torch.zeros_like(labels)).long()
     values = -F.log_softmax(check.zero_dropped(z, keep), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return Parts(values, keep)
