@@ -108,8 +108,7 @@ def _grad_p_minus_q(ls: Tensor, lt: Tensor, _: Param) -> Tensor:  # kd_ce and kd
 
 def _grad_reverse_kl(ls: Tensor, lt: Tensor, _: Param) -> Tensor:  # p_S ⊙ (log p_S − log p_T − KL(p_S‖p_T))
     ps = ls.exp()
-    diff = torch.where((ps > 0) & (lt > _NEG_INF), ls - lt, 0.0)  # (an infinite term's log-ratio counts as 0)
-    return ps * (diff - torch.linalg.vecdot(ps, diff).unsqueeze(-1))
+    return _softmax_chain(ps, torch.where((ps > 0) & (lt > _NEG_INF), ls - lt, 0.0))  # (an infinite term: 0)
 
 
 def _grad_jsd(ls: Tensor, lt: Tensor, b: Param) -> Tensor:  # a = (1−β)(log p_S − log m)
