@@ -794,6 +794,13 @@ class CachedLayers(list):
         return value
 
 
+def _changed(api: str, path, generation: str, reopen: str) -> CacheChangedError:
+    """The error of a reader whose cache was replaced since it was opened."""
+    return CacheChangedError(
+        f"{api}: expected the cache at {str(path)!r} to be the one opened (generation {generation}), got another: "
+        f"its index.json was replaced or removed since (an overwrite?). Reopen it with {reopen}.")
+
+
 class Cache(Sequence):
     """A written cache, read back: ``cache[i]`` is batch i's teacher output mapping; ``len(cache)`` batches.
 
@@ -833,10 +840,7 @@ class Cache(Sequence):
 
     def _check_unchanged(self) -> None:
         if not self._unchanged():
-            raise CacheChangedError(
-                f"dk.cache.Cache: expected the cache at {str(self.path)!r} to be the one opened (generation "
-                f"{self.info.generation or 'of version 1'}), got another: its index.json was replaced or removed "
-                "since (an overwrite?). Reopen it with dk.cache.read.")
+            raise _changed("dk.cache.Cache", self.path, self.info.generation or "of version 1", "dk.cache.read")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -2025,10 +2029,7 @@ class TopKCache:
 
     def _check_unchanged(self) -> None:
         if not self._unchanged():
-            raise CacheChangedError(
-                f"dk.cache.TopKCache: expected the cache at {str(self.path)!r} to be the one opened (generation "
-                f"{self.info['generation']}), got another: its index.json was replaced or removed since (an "
-                "overwrite?). Reopen it with dk.cache.read_topk.")
+            raise _changed("dk.cache.TopKCache", self.path, self.info["generation"], "dk.cache.read_topk")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
