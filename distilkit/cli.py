@@ -2,6 +2,8 @@
 
 ```text
 distilkit demo [--out DIR] [--seeds N] [--quick]     distil on scikit-learn's digits, next to a labels-only baseline
+distilkit demo lm [--out DIR] [--seeds N] [--quick]  distil a GPT-2 on Python's own documentation five ways (labels
+                                                      only, dense / fused / top-k cache KD, on-policy GKD)
 distilkit doctor [--no-compile] [--timeout S]         torch, devices, compilers, the CPU kernel, torch.compile: a
                                                       short report to paste into a bug report
 distilkit validate SPEC.json|-                        print the normalised spec, or its problems (exit status 2);
@@ -93,20 +95,25 @@ def _parser() -> _Parser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="distil a small MLP on scikit-learn's handwritten digits, next to a "
-                          "labels-only baseline (a new run folder under --out: summary.json, curves.png, TensorBoard "
-                          "logs)",
-                          description="Teacher MLP → smaller student by distillation (kd_kl on the logits + a "
-                          "projected hidden-feature loss) with labels for a fraction of the training split and the "
-                          "teacher's outputs on all of it, against the same student trained on those labels alone; "
-                          "held-out accuracy over several seeds.")
-    demo.add_argument("--out", default="runs/demo", metavar="DIR",
+    demo = sub.add_parser("demo", help="distil a small MLP on scikit-learn's handwritten digits next to a "
+                          "labels-only baseline ('demo lm': a GPT-2 on Python's own documentation, five ways); a new "
+                          "run folder under --out: summary.json, curves.png, TensorBoard logs",
+                          description="digits (the default): teacher MLP → smaller student by distillation (kd_kl on "
+                          "the logits + a projected hidden-feature loss) with labels for a fraction of the training "
+                          "split and the teacher's outputs on all of it, against the same student trained on those "
+                          "labels alone; held-out accuracy over several seeds. lm: a byte-level BPE tokenizer and a "
+                          "teacher GPT-2 trained on Python's help topics and standard-library docstrings (no "
+                          "download), then students trained on labels only, by dense, fused and top-k-cache KD, and "
+                          "on-policy (GKD); held-out perplexity and tokens per second over several seeds.")
+    demo.add_argument("which", nargs="?", choices=("digits", "lm"), default="digits",
+                      help="digits (default) or lm")
+    demo.add_argument("--out", default=None, metavar="DIR",
                       help="each run writes its TensorBoard logs, summary.json and curves.png into a new folder "
-                      "DIR/<date>-<time> (default DIR: runs/demo)")
+                      "DIR/<date>-<time> (default DIR: runs/demo, runs/demo-lm for lm)")
     demo.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
                       help="number of student seeds (default: 3; 1 with --quick)")
     demo.add_argument("--quick", action="store_true",
-                      help="20 training steps only: a smoke test whose accuracies mean nothing")
+                      help="a few training steps only (lm: tiny models): a smoke test whose numbers mean nothing")
 
     doctor = sub.add_parser("doctor", help="report torch, the devices, the C compiler, the CPU kernel and whether "
                             "torch.compile works here (paste it into bug reports)",
@@ -258,22 +265,31 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     try:
-        import sklearn  # noqa: F401
         import tqdm  # noqa: F401
 
-        from . import demo
+        if args.which == "lm":
+            import tokenizers  # noqa: F401
+            import transformers  # noqa: F401
+
+            from . import demo_lm as chosen
+        else:
+            import sklearn  # noqa: F401
+
+            from . import demo as chosen
+        from .demo import new_run_dir
     except ImportError as error:
-        return _fail("demo", f"needs scikit-learn and tqdm: pip install 'distilkit[demo]' ({_one_line(error)})")
+        needs = "transformers, tokenizers" if args.which == "lm" else "scikit-learn"
+        return _fail("demo", f"needs {needs} and tqdm: pip install 'distilkit[demo]' ({_one_line(error)})")
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    parent = Path(args.out)
+    parent = Path(args.out if args.out is not None else "runs/demo" + ("-lm" if args.which == "lm" else ""))
     if parent.exists() and not parent.is_dir():
-        return _fail("demo", f"--out {args.out}: exists and is not a directory")
+        return _fail("demo", f"--out {parent}: exists and is not a directory")
     try:
-        out = demo.new_run_dir(parent, quick=args.quick)
-        summary = demo.run(out, seeds=seeds, quick=args.quick)
+        out = new_run_dir(parent, quick=args.quick)
+        summary = chosen.run(out, seeds=seeds, quick=args.quick)
     except OSError as error:
-        return _fail("demo", f"cannot write under {args.out} ({_one_line(error)})")
-    print(demo.table(summary))
+        return _fail("demo", f"cannot write under {parent} ({_one_line(error)})")
+    print(chosen.table(summary))
     written = ["summary.json", *([summary["plot"]] if summary["plot"] else []), "TensorBoard logs"]
     print(f"wrote {out}{os.sep}: {', '.join(written)}; compare runs with: tensorboard --logdir {parent}")
     if not summary["plot"]:

@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-EXPECTED = ["01_quickstart.ipynb", "02_loss_zoo.ipynb", "03_textbrewer_recipes.ipynb", "04_multi_teacher.ipynb"]
+EXPECTED = ["01_quickstart.ipynb", "02_loss_zoo.ipynb", "03_textbrewer_recipes.ipynb", "04_multi_teacher.ipynb",
+            "05_temperature_sweep.ipynb", "06_llm_distillation.ipynb"]
 CELL_TIMEOUT_S = 240  # per cell; the notebooks take seconds to tens of seconds in all
 
 
@@ -60,6 +61,7 @@ def _kernel_manager(tmp_path: Path):
 @pytest.mark.parametrize("name", [p.name for p in _stored()], ids=lambda n: n.removesuffix(".ipynb"))
 def test_notebook_runs(name, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("DISTILKIT_NOTEBOOK_QUICK", "1")  # 06: the CI-sized run (tiny models, a few steps)
     work, scratch = tmp_path / "cwd", tmp_path / "tmp"
     work.mkdir()
     scratch.mkdir()
