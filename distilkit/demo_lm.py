@@ -504,7 +504,7 @@ def table(summary: dict[str, Any]) -> str:
                  f"{r['student_width']} ({summary['student_parameters']:,}); vocabulary {r['vocab_size']}, "
                  f"windows of {r['seq_len']}, {r['steps']} steps of {r['batch']}.")
     lines.append(f"{summary['tokens']['train']:,} training and {summary['tokens']['held_out']:,} held-out tokens; "
-                 f"{seeds} seed{'s' if seeds > 1 else ''} (mean ± std).")
+                 (f"{seeds} seeds (mean ± std)." if seeds > 1 else "1 seed."))
     if summary.get("cache"):
         c = summary["cache"]
         written = "" if c["write_s"] is None else f"written in {c['write_s']:.1f} s (not in its tokens/s), "
