@@ -73,6 +73,8 @@ def test_version_help_and_bare_command(capsys):
     (["demo", "--seeds", "0"], "distilkit demo", "--seeds: expected a positive integer, got '0'"),
     (["demo", "--seeds", "three"], "distilkit demo", "--seeds: expected a positive integer, got 'three'"),
     (["demo", "--quick", "--fast"], "distilkit demo", "unrecognized arguments: --fast"),
+    (["demo", "gpt"], "distilkit demo", "invalid choice: 'gpt' (choose from 'digits', 'lm')"),
+    (["demo", "lm", "--seeds", "0"], "distilkit demo", "--seeds: expected a positive integer, got '0'"),
     (["convert-textbrewer", "c.json", "--total-steps", "-3"], "distilkit convert-textbrewer",
      "--total-steps: expected a positive integer"),
     (["schema", "extra"], "distilkit schema", "unrecognized arguments: extra"),
