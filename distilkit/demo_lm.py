@@ -177,7 +177,7 @@ def gpt2(vocab_size: int, layers: int, width: int, heads: int, seq_len: int):
     import transformers
 
     config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=seq_len, n_embd=width, n_layer=layers,
-                                     n_head=heads, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                                     n_head=heads, bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -504,7 +504,7 @@ def table(summary: dict[str, Any]) -> str:
                  f"{r['student_width']} ({summary['student_parameters']:,}); vocabulary {r['vocab_size']}, "
                  f"windows of {r['seq_len']}, {r['steps']} steps of {r['batch']}.")
     lines.append(f"{summary['tokens']['train']:,} training and {summary['tokens']['held_out']:,} held-out tokens; "
-                 (f"{seeds} seeds (mean ± std)." if seeds > 1 else "1 seed."))
+                 + (f"{seeds} seeds (mean ± std)." if seeds > 1 else "1 seed."))
     if summary.get("cache"):
         c = summary["cache"]
         written = "" if c["write_s"] is None else f"written in {c['write_s']:.1f} s (not in its tokens/s), "

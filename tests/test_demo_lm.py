@@ -189,3 +189,5 @@ def test_demo_lm_quick_from_the_command_line(capsys, tmp_path, monkeypatch):
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert (run_dir / "teacher").is_dir() and (run_dir / "seed1" / "on_policy").is_dir()
     assert "WARNING: --quick" in out and "KD, fused head" in out and "on-policy KD (GKD)" in out
+    assert "2 seeds (mean ± std)." in out
+    assert "; 1 seed." in demo_lm.table({**summary, "seeds": [0]})
