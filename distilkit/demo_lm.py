@@ -214,6 +214,8 @@ def specs(r: Recipe) -> dict[str, dk.Spec]:
     """The distilkit spec of each variant (``on_policy`` uses the ``kd`` spec: its generated batches carry no
     labels, so its cross-entropy term is 0 there — a fully masked term is 0)."""
     w = r.kd_weight
+    if not 0 < w <= 1:  # the fused term carries the cross-entropy as ce_weight = (1 − w) / w
+        raise ValueError(f"demo_lm.specs: expected kd_weight in (0, 1], got {w!r} (0 is the 'labels' variant).")
     hard = dk.hard_ce.on("logits", labels="labels").named("ce")
     kd = (w * dk.kd_kl.on("logits", mask="mask", temperature=r.temperature).named("kd")
           + (1 - w) * hard)
@@ -352,6 +354,7 @@ def _generated(r: Recipe, student, tokens: Tensor) -> tuple[Tensor, dict[str, Te
     with torch.no_grad():
         ids = student.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
                                temperature=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    # min_new_tokens: every continuation has the window's length (<|endoftext|> is not sampled until then)
     student.train()
     labels = ids.clone()
     labels[:, : r.prompt_len] = -100  # distil the continuation only

@@ -161,6 +161,8 @@ def test_run_refuses_bad_arguments(tmp_path):
         demo_lm.run(tmp_path / "a", seeds=0)
     with pytest.raises(ValueError, match=r"demo_lm\.run: expected variants from"):
         demo_lm.run(tmp_path / "b", variants=["kd", "dense"])
+    with pytest.raises(ValueError, match=r"demo_lm\.specs: expected kd_weight in \(0, 1\], got 0\.0"):
+        demo_lm.specs(dataclasses.replace(R, kd_weight=0.0))
     with pytest.raises(ValueError, match=r"demo_lm\.train_student: expected variant in"):
         demo_lm.train_student(R, "ce", torch.zeros(2, R.seq_len, dtype=torch.long), torch.zeros(1, R.seq_len,
                               dtype=torch.long))
