@@ -47,6 +47,7 @@ Measured results are in the README ("The LLM demo") and in ``notebooks/06_llm_di
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import json
 import math
@@ -330,8 +331,8 @@ def train_student(r: Recipe, variant: str, train: Tensor, held_out: Tensor, *, t
             t = cache.teacher(ids, r.seq_len - 1, policy=r.topk_policy)
             batch["mask"] = batch["mask"] & t.mask
             return step(outputs(student, tokens), {"logits": t.topk}, batch, step=i)
-        on_policy = float(torch.rand((), generator=sampler)) < r.on_policy_fraction
-        if variant == "on_policy" and i >= r.on_policy_start and on_policy:
+        if variant == "on_policy" and float(torch.rand((), generator=sampler)) < r.on_policy_fraction \
+                and i >= r.on_policy_start:  # a draw at every step, warm-up included
             nonlocal generated
             generated += 1
             tokens, batch = _generated(r, student, tokens)
@@ -432,10 +433,11 @@ def compare(r: Recipe, data: Data, teacher, *, seeds: int = 3, variants: Sequenc
                                "bytes_per_position": info["bytes_per_position"], "kept_mass": info["coverage"]}
         for seed in range(seeds):
             for variant in variants:
-                with dk.tensorboard.Writer(Path(out or scratch) / f"seed{seed}" / variant,
-                                           every=r.log_every) as writer:
+                logs = (contextlib.nullcontext() if out is None
+                        else dk.tensorboard.Writer(Path(out) / f"seed{seed}" / variant, every=r.log_every))
+                with logs as writer:
                     got = train_student(r, variant, data.train, data.held_out, teacher=teacher, cache=cache,
-                                        seed=seed, writer=writer if out is not None else None, progress=progress)
+                                        seed=seed, writer=writer, progress=progress)
                 result["student_parameters"] = sum(p.numel() for p in got.model.parameters())
                 entry = students.setdefault(variant, {"perplexity": [], "tokens_per_s": [], "generated_batches": []})
                 entry["perplexity"].append(got.curve[-1][1])
