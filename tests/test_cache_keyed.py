@@ -414,15 +414,20 @@ EDITS = {
 }
 
 
+def _copy(written, path):
+    """Copy the cache files (arrays and index) from ``written`` into the new folder ``path``; return its index."""
+    path.mkdir()
+    for name in os.listdir(written):
+        if name.endswith((".npy", ".json")):
+            (path / name).write_bytes((written / name).read_bytes())
+    return json.loads((path / "index.json").read_text())
+
+
 @pytest.mark.parametrize("edit", EDITS)
 def test_every_keyed_index_field_is_checked(written, tmp_path, edit):
     keys, value, message = EDITS[edit]
     path = tmp_path / "c"
-    path.mkdir()
-    for name in os.listdir(written[0]):
-        if name.endswith((".npy", ".json")):
-            (path / name).write_bytes((written[0] / name).read_bytes())
-    index = json.loads((path / "index.json").read_text())
+    index = _copy(written[0], path)
     _set(index, keys, value)
     (path / "index.json").write_text(json.dumps(index))
     with pytest.raises(dkc.CacheError, match=message):
@@ -431,11 +436,7 @@ def test_every_keyed_index_field_is_checked(written, tmp_path, edit):
 
 def _copy_with_table(written, path, edit):
     """A copy of the cache whose table ``rows`` (or ``keys``) array was edited, its SHA-256 and digest updated."""
-    path.mkdir()
-    for name in os.listdir(written):
-        if name.endswith((".npy", ".json")):
-            (path / name).write_bytes((written / name).read_bytes())
-    index = json.loads((path / "index.json").read_text())
+    index = _copy(written, path)
     name, change = edit
     entry = index["table"][name]
     array = np.load(path / entry["file"])
@@ -464,11 +465,7 @@ def test_the_example_table_is_checked(written, tmp_path, edit, message):
 
 def test_damaged_table_or_shard_data_is_caught(written, tmp_path):
     path = tmp_path / "c"
-    path.mkdir()
-    for name in os.listdir(written[0]):
-        if name.endswith((".npy", ".json")):
-            (path / name).write_bytes((written[0] / name).read_bytes())
-    index = json.loads((path / "index.json").read_text())
+    index = _copy(written[0], path)
     table = path / index["table"]["keys"]["file"]
     data = bytearray(table.read_bytes())
     data[-1] ^= 1
