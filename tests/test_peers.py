@@ -454,21 +454,29 @@ def _chunks(n):
     return lambda x: list(x.chunk(n, dim=1))
 
 
+# torchtune's ForwardKLLoss is the soft cross-entropy (↔ dk.kd_ce), its ReverseKLLoss dk.reverse_kl; both
+# t2_scale=False with the mask from the labels, plain and with chunked outputs
+TORCHTUNE_PAIRS = {"forward_kl_is_kd_ce": (dk.kd_ce, ForwardKLLoss, ForwardKLWithChunkedOutputLoss),
+                   "reverse_kl": (dk.reverse_kl, ReverseKLLoss, ReverseKLWithChunkedOutputLoss)}
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("chunked", [False, True], ids=["plain", "chunked"])
-def test_torchtune_forward_kl_is_kd_ce(chunked, impl):
-    """torchtune's ForwardKLLoss is the soft cross-entropy: ↔ ``dk.kd_ce(t2_scale=False)``, mask from labels."""
+@pytest.mark.parametrize("pair", TORCHTUNE_PAIRS)
+def test_torchtune_kl(pair, chunked, impl):
+    ours, plain, chunked_peer = TORCHTUNE_PAIRS[pair]
     s, t = _logits()
     labels = _labels(_mask())
-    peer = ForwardKLWithChunkedOutputLoss(num_output_chunks=2) if chunked else ForwardKLLoss()
+    peer = chunked_peer(num_output_chunks=2) if chunked else plain()
     split = _chunks(2) if chunked else (lambda x: x)
-    assert_parity(lambda x: dk.kd_ce(x, t, mask=labels != -100, t2_scale=False, impl=impl),
+    assert_parity(lambda x: ours(x, t, mask=labels != -100, t2_scale=False, impl=impl),
                   lambda x: peer(split(x), split(t), labels), s)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_torchtune_forward_kl_vs_kd_kl(impl):
-    """… and so it is ``dk.kd_kl`` plus the mean teacher entropy (float64 formula), with kd_kl's gradient."""
+    """torchtune's ForwardKLLoss is also ``dk.kd_kl`` plus the mean teacher entropy (float64 formula), with kd_kl's
+    gradient."""
     s, t = _logits()
     mask = _mask()
     labels = _labels(mask)
@@ -476,17 +484,6 @@ def test_torchtune_forward_kl_vs_kd_kl(impl):
     entropy = -(lt.exp() * lt).sum(-1)[mask].mean()
     assert_parity(lambda x: dk.kd_kl(x, t, mask=mask, t2_scale=False, impl=impl) + entropy.float(),
                   lambda x: ForwardKLLoss()(x, t, labels), s)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("chunked", [False, True], ids=["plain", "chunked"])
-def test_torchtune_reverse_kl(chunked, impl):
-    s, t = _logits()
-    labels = _labels(_mask())
-    peer = ReverseKLWithChunkedOutputLoss(num_output_chunks=2) if chunked else ReverseKLLoss()
-    split = _chunks(2) if chunked else (lambda x: x)
-    assert_parity(lambda x: dk.reverse_kl(x, t, mask=labels != -100, t2_scale=False, impl=impl),
-                  lambda x: peer(split(x), split(t), labels), s)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
